@@ -1,0 +1,384 @@
+"""Training data for the DDPM: MNIST digits and CIFAR-10 images, read from their original files.
+
+MNIST comes as IDX files. The official 10,000-digit test split is bundled in data/ (checked by data/MD5SUMS);
+the 60,000-digit training split is downloaded on request and preferred when present.
+CIFAR-10 comes as the python tar.gz archive of pickled batches, read with an unpickler that only builds arrays.
+Downloads are atomic: a file appears under its final name only after its MD5 matched.
+"""
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+
+import numpy as np
+import torch
+
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+MNIST_TRAIN_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+MNIST_TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+# Published MD5s of the .gz files as served by the mirrors (the same values torchvision checks).
+MNIST_TRAIN_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+}
+MNIST_IMAGE_SIZE = 28
+MNIST_CLASSES = 10
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FILE = "cifar-10-python.tar.gz"
+CIFAR10_TRAIN_MEMBERS = tuple(f"cifar-10-batches-py/data_batch_{index}" for index in range(1, 6))
+CIFAR10_IMAGE_SIZE = 32
+CIFAR10_CLASSES = 10
+
+MD5SUMS_FILE = "MD5SUMS"
+DOWNLOAD_TIMEOUT_S = 30
+
+# IDX type codes (third header byte) this reader understands; MNIST only uses 0x08.
+IDX_DTYPES = {0x08: np.dtype(np.uint8)}
+
+# The only globals a CIFAR-10 batch pickle refers to: numpy's array reconstruction.
+# numpy >= 2 writes numpy._core, the archive (written by numpy 1.x under Python 2) says numpy.core.
+PICKLE_ALLOWED_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+})
+
+REPAIR_HINT = "delete it and run with --download, or restore it from git"
+
+
+class DataError(Exception):
+    """A data file is missing, damaged or could not be fetched; the message says what to do."""
+
+
+def read_idx(path):
+    """Return the array stored in an IDX file (gzip-compressed when the name ends in .gz).
+
+    Format: 2 zero bytes, a dtype code byte (0x08 = uint8), a byte ndim, ndim big-endian uint32 sizes,
+    then prod(sizes) items in C order. Any deviation (magic, dtype, short or overlong data) is a DataError.
+    """
+    raw = _read_file_bytes(path)
+    if len(raw) < 4:
+        raise DataError(f"{path} is truncated (expected at least a 4-byte IDX header, got {len(raw)} bytes): "
+                        f"{REPAIR_HINT}")
+    if raw[0:2] != b"\x00\x00":
+        raise DataError(f"{path} is not an IDX file (bad magic {raw[:4].hex()}, expected 0000 then dtype and ndim): "
+                        f"{REPAIR_HINT}")
+    dtype_code, ndim = raw[2], raw[3]
+    if dtype_code not in IDX_DTYPES:
+        raise DataError(f"{path} has IDX dtype code 0x{dtype_code:02x}, only 0x08 (uint8) is supported: "
+                        f"use a uint8 IDX file such as MNIST")
+    header_bytes = 4 + 4 * ndim
+    if len(raw) < header_bytes:
+        raise DataError(f"{path} is truncated (expected a {header_bytes}-byte header for {ndim} dimensions, "
+                        f"got {len(raw)} bytes): {REPAIR_HINT}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * axis:8 + 4 * axis], "big") for axis in range(ndim))
+    dtype = IDX_DTYPES[dtype_code]
+    expected = _element_count(shape) * dtype.itemsize
+    found = len(raw) - header_bytes
+    if found < expected:
+        raise DataError(f"{path} is truncated (expected {expected} bytes of data for shape {shape}, got {found}): "
+                        f"{REPAIR_HINT}")
+    if found > expected:
+        raise DataError(f"{path} has {found - expected} trailing bytes after the {expected} bytes of data "
+                        f"for shape {shape}: {REPAIR_HINT}")
+    return np.frombuffer(raw, dtype=dtype, offset=header_bytes).reshape(shape).copy()
+
+
+def _read_file_bytes(path):
+    """Return the bytes of a file, decompressed when its name ends in .gz; DataError if missing or corrupt."""
+    try:
+        if str(path).endswith(".gz"):
+            with gzip.open(path, "rb") as stream:
+                return stream.read()
+        with open(path, "rb") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: run with --download for the training split, "
+                        f"or restore the bundled test split with git") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataError(f"{path} is a corrupt gzip file ({error}): {REPAIR_HINT}") from None
+
+
+def _element_count(shape):
+    """Return prod(shape) as an exact Python int (numpy's product can overflow on hostile headers)."""
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def mnist_files(data_dir="data"):
+    """Return (images_path, labels_path, split_name) of the MNIST split load_mnist reads.
+
+    split_name is "train" (60,000 digits) when both training files are in data_dir, otherwise "test"
+    (the bundled 10,000 digits).
+    """
+    train_paths = [os.path.join(data_dir, name) for name in MNIST_TRAIN_FILES]
+    if all(os.path.exists(path) for path in train_paths):
+        return train_paths[0], train_paths[1], "train"
+    test_paths = [os.path.join(data_dir, name) for name in MNIST_TEST_FILES]
+    return test_paths[0], test_paths[1], "test"
+
+
+def load_mnist(data_dir="data"):
+    """Return (images, labels): uint8 (N, 28, 28) digits with ink 255 on black 0, uint8 (N,) classes 0..9.
+
+    Reads the training split when present in data_dir, else the bundled test split (see mnist_files).
+    """
+    images_path, labels_path, _ = mnist_files(data_dir)
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.shape[1:] != (MNIST_IMAGE_SIZE, MNIST_IMAGE_SIZE):
+        raise DataError(f"{images_path} holds images of shape {images.shape[1:]}, expected 28x28 digits: "
+                        f"{REPAIR_HINT}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DataError(f"{images_path} has {images.shape[0]} images but {labels_path} has {labels.shape} labels: "
+                        f"the pair is mismatched, {REPAIR_HINT}")
+    if labels.size and labels.max() >= MNIST_CLASSES:
+        raise DataError(f"{labels_path} holds label {labels.max()}, expected digits 0..9: {REPAIR_HINT}")
+    return images, labels
+
+
+def md5_of_file(path):
+    """Return the hexadecimal MD5 digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_md5sums(data_dir="data"):
+    """Return the paths listed in data_dir/MD5SUMS after checking each file's MD5 against it.
+
+    MD5SUMS is in md5sum format ("<hex digest>  <file name>" per line), so `md5sum -c MD5SUMS` agrees.
+    """
+    sums_path = os.path.join(data_dir, MD5SUMS_FILE)
+    try:
+        with open(sums_path, encoding="utf-8") as stream:
+            lines = [line.split() for line in stream if line.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{sums_path} is missing: restore it from git") from None
+    checked = []
+    for expected_md5, name in lines:
+        path = os.path.join(data_dir, name.lstrip("*"))
+        if not os.path.exists(path):
+            raise DataError(f"{path} is missing: restore it from git")
+        found_md5 = md5_of_file(path)
+        if found_md5 != expected_md5:
+            raise DataError(f"{path} has md5 {found_md5}, {sums_path} expects {expected_md5}: restore it from git")
+        checked.append(path)
+    return checked
+
+
+def download_file(urls, dest, md5, timeout=DOWNLOAD_TIMEOUT_S):
+    """Return dest after fetching it from the first of urls whose bytes have the given MD5.
+
+    Each try streams into a temporary file next to dest, checks the MD5, fsyncs, then renames it onto dest,
+    so dest never holds a partial or unverified download. Raises DataError when every url fails.
+    """
+    reasons = []
+    for url in urls:
+        try:
+            _fetch_verified(url, dest, md5, timeout)
+            return dest
+        # Network failures come from several hierarchies (URLError, http.client errors, timeouts, bad URLs);
+        # any of them only means: try the next mirror.
+        except Exception as error:
+            reasons.append(f"{url}: {error}")
+    raise DataError(f"could not download {os.path.basename(dest)} from any mirror (no network?): "
+                    f"{'; '.join(reasons)}")
+
+
+def _fetch_verified(url, dest, md5, timeout):
+    """Return nothing; fetch url into a temporary file beside dest and rename it onto dest if its MD5 matches."""
+    fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=os.path.basename(dest) + ".",
+                                     suffix=".tmp")
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if digest.hexdigest() != md5:
+            raise DataError(f"md5 {digest.hexdigest()} does not match the published {md5}")
+        # mkstemp creates the file readable by its owner only; a data file is as readable as any other.
+        os.chmod(temp_path, 0o644)
+        os.replace(temp_path, dest)
+    except BaseException:
+        _remove_if_present(temp_path)
+        raise
+
+
+def _remove_if_present(path):
+    """Return nothing; delete path, ignoring that it may already be gone."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def _has_md5(path, md5):
+    """Return True when path exists and its bytes have the given MD5."""
+    return os.path.exists(path) and md5_of_file(path) == md5
+
+
+def download_mnist(data_dir="data", mirrors=MNIST_MIRRORS, timeout=DOWNLOAD_TIMEOUT_S, checksums=MNIST_TRAIN_MD5):
+    """Return the paths of the MNIST training files in data_dir, downloading those missing or damaged.
+
+    Each file name in checksums is fetched from mirror + name, mirrors tried in order; files already present
+    with the right MD5 are left alone.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    paths = []
+    for name, md5 in checksums.items():
+        dest = os.path.join(data_dir, name)
+        if not _has_md5(dest, md5):
+            try:
+                download_file([mirror.rstrip("/") + "/" + name for mirror in mirrors], dest, md5, timeout)
+            except DataError as error:
+                raise DataError(f"{error}; training continues to work on the bundled 10,000-digit test split") \
+                    from None
+        paths.append(dest)
+    return paths
+
+
+def download_cifar10(data_dir="data", url=CIFAR10_URL, md5=CIFAR10_MD5, timeout=DOWNLOAD_TIMEOUT_S):
+    """Return the path of cifar-10-python.tar.gz in data_dir, downloading it unless present with the right MD5."""
+    os.makedirs(data_dir, exist_ok=True)
+    dest = os.path.join(data_dir, CIFAR10_FILE)
+    if not _has_md5(dest, md5):
+        download_file([url], dest, md5, timeout)
+    return dest
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that builds only numpy arrays and plain containers: any other global is refused.
+
+    A pickle can name any importable callable (os.system, builtins.eval) and have it called while loading;
+    find_class is where every such name is resolved, so refusing there stops the call before it happens.
+    """
+
+    def __init__(self, stream, source, **kwargs):
+        """Return nothing; remember source (where the pickle came from) to name it in error messages."""
+        super().__init__(stream, **kwargs)
+        self.source = source
+
+    def find_class(self, module, name):
+        """Return the numpy global (module, name) if it is on PICKLE_ALLOWED_GLOBALS, else raise DataError."""
+        if (module, name) not in PICKLE_ALLOWED_GLOBALS:
+            raise DataError(f"{self.source}: refuses to unpickle {module}.{name} (a CIFAR-10 batch holds only "
+                            f"numpy arrays, so this is not the real archive): delete it and run with --download")
+        return super().find_class(module, name)
+
+
+def load_cifar10(data_dir="data"):
+    """Return (images, labels): the 50,000 CIFAR-10 training images uint8 (N, 32, 32, 3) RGB and uint8 (N,) classes.
+
+    Reads data_batch_1..5 from cifar-10-python.tar.gz without extracting. Each batch is a pickled dict with
+    "data": uint8 (n, 3072), each row 1024 red then 1024 green then 1024 blue values of a 32x32 image in
+    row-major order, and "labels": n ints in 0..9.
+    """
+    path = os.path.join(data_dir, CIFAR10_FILE)
+    if not os.path.exists(path):
+        raise DataError(f"{path} is missing: run with --download to fetch CIFAR-10 (163 MB)")
+    images, labels = [], []
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for member in CIFAR10_TRAIN_MEMBERS:
+                batch_images, batch_labels = _cifar10_batch(_unpickle_member(archive, member), f"{path}:{member}")
+                images.append(batch_images)
+                labels.append(batch_labels)
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise DataError(f"{path} is a corrupt archive ({error}): delete it and run with --download") from None
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _unpickle_member(archive, member):
+    """Return the object pickled in one archive member, read into memory and loaded by RestrictedUnpickler."""
+    try:
+        stream = archive.extractfile(member)
+    except KeyError:
+        raise DataError(f"{archive.name} lacks {member}: it is not the CIFAR-10 python archive, "
+                        f"delete it and run with --download") from None
+    if stream is None:
+        raise DataError(f"{archive.name}:{member} is not a regular file: delete it and run with --download")
+    source = f"{archive.name}:{member}"
+    # latin1 is how numpy arrays pickled under Python 2 (the archive's origin) must be decoded.
+    unpickler = RestrictedUnpickler(io.BytesIO(stream.read()), source, encoding="latin1")
+    try:
+        return unpickler.load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as error:
+        raise DataError(f"{source} is not a valid pickle ({error}): delete the archive and run with --download") \
+            from None
+
+
+def _cifar10_batch(batch, where):
+    """Return (images uint8 (n, 32, 32, 3), labels uint8 (n,)) from one unpickled CIFAR-10 batch dict.
+
+    images[i, y, x, c] = data[i, c * 1024 + y * 32 + x].
+    """
+    data, labels = _batch_field(batch, "data", where), _batch_field(batch, "labels", where)
+    pixels = CIFAR10_IMAGE_SIZE * CIFAR10_IMAGE_SIZE * 3
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
+        raise DataError(f"{where} holds data of type {type(data).__name__} {getattr(data, 'shape', '')}, "
+                        f"expected uint8 (n, {pixels}): delete the archive and run with --download")
+    labels = np.asarray(labels)
+    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer) \
+            or (labels.size and (labels.min() < 0 or labels.max() >= CIFAR10_CLASSES)):
+        raise DataError(f"{where} holds labels {labels.shape} {labels.dtype}, expected {data.shape[0]} ints "
+                        f"in 0..9: delete the archive and run with --download")
+    images = data.reshape(-1, 3, CIFAR10_IMAGE_SIZE, CIFAR10_IMAGE_SIZE).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.uint8)
+
+
+def _batch_field(batch, key, where):
+    """Return batch[key], accepting the str key latin1 decoding gives and the bytes key of Python 3 pickles."""
+    if not isinstance(batch, dict):
+        raise DataError(f"{where} holds a {type(batch).__name__}, expected a dict: "
+                        f"delete the archive and run with --download")
+    for candidate in (key, key.encode("ascii")):
+        if candidate in batch:
+            return batch[candidate]
+    raise DataError(f"{where} has no '{key}' entry: delete the archive and run with --download")
+
+
+def to_model_tensor(images, img_size):
+    """Return float32 (N, C, img_size, img_size) in [-1, 1] from uint8 images (N, H, W) grey or (N, H, W, 3) RGB.
+
+    x = pixel / 127.5 - 1, so 0 -> -1 and 255 -> 1.
+    Size: when img_size - H and img_size - W are both >= 0 and even, the image is zero-padded symmetrically with
+    the background value -1 (black); MNIST 28 -> 32 adds 2 pixels each side and keeps every pixel exact, which is
+    why padding is preferred. Otherwise (e.g. 28 -> 64 works by padding, 28 -> 16 or 28 -> 33 do not) it is
+    resized with bilinear interpolation (antialias=True, align_corners=False), as the lecture resized to 32.
+    """
+    array = np.asarray(images)
+    if array.dtype != np.uint8:
+        raise ValueError(f"to_model_tensor expects uint8 images, got {array.dtype}")
+    if array.ndim == 3:
+        channels_first = torch.from_numpy(array).unsqueeze(1)
+    elif array.ndim == 4 and array.shape[-1] == 3:
+        channels_first = torch.from_numpy(array).permute(0, 3, 1, 2)
+    else:
+        raise ValueError(f"to_model_tensor expects (N, H, W) or (N, H, W, 3) images, got shape {array.shape}")
+    scaled = channels_first.to(torch.float32) / 127.5 - 1.0
+    pad_height, pad_width = img_size - array.shape[1], img_size - array.shape[2]
+    if pad_height >= 0 and pad_width >= 0 and pad_height % 2 == 0 and pad_width % 2 == 0:
+        return torch.nn.functional.pad(
+            scaled, (pad_width // 2, pad_width // 2, pad_height // 2, pad_height // 2), value=-1.0).contiguous()
+    resized = torch.nn.functional.interpolate(
+        scaled, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
+    # The filter weights are a convex combination, but float rounding can step just outside [-1, 1].
+    return resized.clamp(-1.0, 1.0).contiguous()
