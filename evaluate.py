@@ -1,0 +1,498 @@
+"""Sample quality of generated MNIST digits: FID in a small digit classifier's features, and plain statistics.
+
+    python evaluate.py samples.npz [--data-dir data] [--cache DIR] [--device cpu]
+
+samples.npz is what sample.py writes: key 'arr_0', uint8 (N, H, W, 1), pixels 0..255, ink white on black.
+The report is printed in words first; its LAST line is one JSON object holding every figure.
+
+Why a LeNet and not Inception: the Inception network of the usual FID was trained on photographs, is a
+100 MB download and sees a 28x28 digit upsampled eightfold. A LeNet trained here on MNIST itself, once and
+deterministically (seconds on a CPU), measures what matters for digits. Its FID values are therefore
+comparable with each other (same classifier version, same data split), NOT with published FIDs.
+
+Figures:
+- fid: Frechet distance between Gaussians fitted to the classifier's penultimate features of the samples
+  and of the real digits (Heusel et al. 2017, with LeNet features instead of Inception features).
+- confidence: mean over samples of the classifier's top softmax probability (real digits: about 0.99).
+- class_entropy_nats: entropy of the histogram of predicted classes; ln 10 = 2.303 means all ten digits
+  equally often, 0 means a single digit (mode collapse).
+- dark_mean / midtone_fraction: background noise. dark_mean is the mean intensity (0..1) of the pixels below
+  mid-grey, midtone_fraction the fraction of pixels between 20 % and 80 % of full scale. Real MNIST
+  backgrounds are exactly black, so a noisy sampler shows up as larger values than the real digits'.
+
+Like is compared with like: the real digits go through the same path as the samples (the training
+preprocessing at the samples' size, back to uint8, then the one function that brings every image to 28x28).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import pickle
+import sys
+import tempfile
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data
+from images import to_uint8
+
+# Bump when the classifier's architecture, training recipe or the cached statistics change:
+# the cache file name carries it, so an old cache is never read by new code.
+CLASSIFIER_VERSION = 1
+CLASSIFIER_SIZE = 28
+FEATURE_DIM = 128
+TRAIN_EPOCHS = 4
+TRAIN_BATCH_SIZE = 128
+TRAIN_SEED = 0
+LEARNING_RATE = 2e-3
+# Without a downloaded training split the classifier trains on the first 8,000 test digits and is scored
+# on the last 2,000.
+HELDOUT_FROM_TEST_SPLIT = 2000
+EVAL_BATCH_SIZE = 1000
+MID_GREY = 128
+MIDTONE_LOW, MIDTONE_HIGH = 0.2, 0.8
+# With 128 features the sample covariance needs many more samples than dimensions; below this FID is
+# visibly biased upward (it shrinks as N grows), so only FIDs from equal N may be compared.
+FID_RELIABLE_SAMPLES = 1000
+SAMPLES_KEY = "arr_0"
+ACCEPTED_CHANNELS = (1,)
+
+
+class EvaluationError(Exception):
+    """The samples file or an option is unusable; the one-line message says what is wrong and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Frechet distance between two Gaussians
+# ---------------------------------------------------------------------------------------------------------
+
+def sqrtm_psd(matrix):
+    """Return the symmetric PSD square root R of a symmetric PSD matrix A, so that R @ R = A (float64).
+
+    A = V diag(w) V^T (eigendecomposition), R = V diag(sqrt(max(w, 0))) V^T. Rounding makes the smallest
+    eigenvalues of a singular covariance come out as tiny negatives; they are clipped to 0.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    symmetric = (matrix + matrix.T) / 2
+    eigenvalues, eigenvectors = np.linalg.eigh(symmetric)
+    return (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ eigenvectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Return the squared Frechet (2-Wasserstein) distance between N(mu1, sigma1) and N(mu2, sigma2).
+
+    d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1^(1/2) S2 S1^(1/2))^(1/2)), computed in float64.
+    The symmetric form S1^(1/2) S2 S1^(1/2) is PSD, so its root comes from sqrtm_psd, never a complex sqrtm;
+    its trace equals Tr((S1 S2)^(1/2)) of the usual formula.
+    """
+    mu1, mu2 = (np.atleast_1d(np.asarray(mu, dtype=np.float64)) for mu in (mu1, mu2))
+    sigma1, sigma2 = (np.atleast_2d(np.asarray(sigma, dtype=np.float64)) for sigma in (sigma1, sigma2))
+    sqrt_sigma1 = sqrtm_psd(sigma1)
+    cross_root = sqrtm_psd(sqrt_sigma1 @ sigma2 @ sqrt_sigma1)
+    mean_term = float(np.sum((mu1 - mu2) ** 2))
+    covariance_term = float(np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(cross_root))
+    # The distance is >= 0; for (nearly) equal Gaussians rounding can leave a tiny negative.
+    return max(mean_term + covariance_term, 0.0)
+
+
+def gaussian_fit(features):
+    """Return (mu, sigma): the mean (D,) and unbiased covariance (D, D) of features (N, D), float64.
+
+    sigma = sum_i (f_i - mu)(f_i - mu)^T / (N - 1); needs N >= 2.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False, ddof=1).reshape(features.shape[1], -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The digit classifier whose features define the FID
+# ---------------------------------------------------------------------------------------------------------
+
+class LeNet(nn.Module):
+    """LeNet-style MNIST classifier: conv5-pool-conv5-pool-fc-fc on (N, 1, 28, 28) pixels in [0, 1]."""
+
+    def __init__(self, feature_dim=FEATURE_DIM, classes=data.MNIST_CLASSES):
+        """Return nothing; 28 -conv5-> 24 -pool-> 12 -conv5-> 8 -pool-> 4, so 32 * 4 * 4 inputs to fc1."""
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=5)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=5)
+        self.fc1 = nn.Linear(32 * 4 * 4, feature_dim)
+        self.fc2 = nn.Linear(feature_dim, classes)
+
+    def features(self, pixels):
+        """Return the (N, feature_dim) penultimate activations relu(fc1(...)): the space FID is measured in."""
+        hidden = F.max_pool2d(F.relu(self.conv1(pixels)), 2)
+        hidden = F.max_pool2d(F.relu(self.conv2(hidden)), 2)
+        return F.relu(self.fc1(hidden.flatten(1)))
+
+    def forward(self, pixels):
+        """Return the (N, classes) logits fc2(features)."""
+        return self.fc2(self.features(pixels))
+
+
+@contextlib.contextmanager
+def reproducible_cpu(seed):
+    """Yield nothing; inside, torch is seeded with seed, uses deterministic kernels and one CPU thread.
+
+    One thread: float sums then do not depend on the machine's core count, and batches as small as the
+    classifier's gain little from threads but slow down several-fold when the cores are shared. On exit the
+    caller's random state, determinism setting and thread count are restored.
+    """
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    thread_count = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic, warn_only=was_warn_only)
+            torch.set_num_threads(thread_count)
+
+
+def train_classifier(images, labels, epochs=TRAIN_EPOCHS, batch_size=TRAIN_BATCH_SIZE, seed=TRAIN_SEED):
+    """Return a LeNet trained with Adam and cross-entropy on uint8 digits (N, 28, 28) and labels (N,).
+
+    Deterministic (see reproducible_cpu): seed fixes the initial weights and the order of the batches; fp32.
+    """
+    pixels = digits_at_classifier_size(np.asarray(images)[..., None])
+    targets = torch.from_numpy(np.asarray(labels).astype(np.int64))
+    with reproducible_cpu(seed):
+        model = LeNet()
+        optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
+        shuffler = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            order = torch.randperm(len(targets), generator=shuffler)
+            for start in range(0, len(targets), batch_size):
+                batch = order[start:start + batch_size]
+                loss = F.cross_entropy(model(pixels[batch]), targets[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    return model.eval()
+
+
+def classifier_outputs(model, pixels, device="cpu"):
+    """Return (features float64 (N, feature_dim), probabilities float64 (N, classes)) of pixels (N, 1, 28, 28).
+
+    probabilities = softmax(fc2(features)); computed in batches of EVAL_BATCH_SIZE without gradients.
+    """
+    model = model.to(device).eval()
+    features, probabilities = [], []
+    with torch.no_grad():
+        for start in range(0, len(pixels), EVAL_BATCH_SIZE):
+            batch_features = model.features(pixels[start:start + EVAL_BATCH_SIZE].to(device))
+            features.append(batch_features.double().cpu().numpy())
+            probabilities.append(F.softmax(model.fc2(batch_features).double(), dim=1).cpu().numpy())
+    return np.concatenate(features), np.concatenate(probabilities)
+
+
+def classifier_accuracy(model, images, labels, device="cpu"):
+    """Return the fraction of uint8 digits (N, 28, 28) whose predicted class argmax(logits) equals the label."""
+    _, probabilities = classifier_outputs(model, digits_at_classifier_size(np.asarray(images)[..., None]), device)
+    return float(np.mean(probabilities.argmax(axis=1) == np.asarray(labels)))
+
+
+def classifier_split(data_dir):
+    """Return (train_images, train_labels, heldout_images, heldout_labels, split_name) for the classifier.
+
+    With the 60,000-digit training split present: train on all of it, hold out the 10,000 test digits.
+    Otherwise: train on the first 8,000 test digits, hold out the last HELDOUT_FROM_TEST_SPLIT.
+    """
+    images, labels = data.load_mnist(data_dir)
+    split_name = data.mnist_files(data_dir)[2]
+    if split_name == "train":
+        test_images, test_labels = (data.read_idx(os.path.join(data_dir, name)) for name in data.MNIST_TEST_FILES)
+        return images, labels, test_images, test_labels, split_name
+    cut = len(images) - HELDOUT_FROM_TEST_SPLIT
+    return images[:cut], labels[:cut], images[cut:], labels[cut:], split_name
+
+
+def cache_path(cache_dir, split_name):
+    """Return the path of the cache file for one data split: <cache_dir>/lenet-v<version>-mnist-<split>.pt."""
+    return os.path.join(cache_dir, f"lenet-v{CLASSIFIER_VERSION}-mnist-{split_name}.pt")
+
+
+def save_cache(path, cache):
+    """Return nothing; write the cache dict with torch.save to a temporary file, then rename it onto path.
+
+    The rename makes the write atomic, so a concurrent reader sees the old file or the new one, never half.
+    """
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
+                                     suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(cache, temp_path)
+        os.replace(temp_path, path)
+    except BaseException:
+        os.remove(temp_path)
+        raise
+
+
+def load_or_train_classifier(data_dir, cache_dir, epochs=TRAIN_EPOCHS):
+    """Return (model, cache): the cached LeNet of this data split, trained and cached first if absent.
+
+    cache = {"state_dict", "split", "heldout_accuracy", "train_seconds", "train_digits", "heldout_digits",
+    "epochs", "references": {str(image_size): reference statistics}}; loaded with weights_only=True.
+    """
+    train_images, train_labels, heldout_images, heldout_labels, split_name = classifier_split(data_dir)
+    path = cache_path(cache_dir, split_name)
+    if os.path.exists(path):
+        try:
+            cache = torch.load(path, weights_only=True)
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+            raise EvaluationError(f"classifier cache {path} is unreadable ({error}): delete it to retrain") from None
+        model = LeNet()
+        model.load_state_dict(cache["state_dict"])
+        return model.eval(), cache
+    started = time.perf_counter()
+    model = train_classifier(train_images, train_labels, epochs=epochs)
+    cache = {
+        "state_dict": model.state_dict(),
+        "split": split_name,
+        "heldout_accuracy": classifier_accuracy(model, heldout_images, heldout_labels),
+        "train_seconds": time.perf_counter() - started,
+        "train_digits": len(train_labels),
+        "heldout_digits": len(heldout_labels),
+        "epochs": epochs,
+        "references": {},
+    }
+    save_cache(path, cache)
+    return model, cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bringing every image to the classifier's size, and the real digits through the samples' path
+# ---------------------------------------------------------------------------------------------------------
+
+def digits_at_classifier_size(images):
+    """Return float32 (N, 1, 28, 28) pixels in [0, 1] from uint8 images (N, H, W, 1): the ONE path to 28x28.
+
+    pixel / 255; 28x28 images are used as they are, any other size is resized with bilinear interpolation
+    (antialias=True, align_corners=False).
+    """
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    if pixels.shape[-2:] == (CLASSIFIER_SIZE, CLASSIFIER_SIZE):
+        return pixels
+    resized = F.interpolate(pixels, size=(CLASSIFIER_SIZE, CLASSIFIER_SIZE), mode="bilinear",
+                            antialias=True, align_corners=False)
+    # The filter weights are a convex combination, but float rounding can step just outside [0, 1].
+    return resized.clamp(0.0, 1.0)
+
+
+def real_digits_like_samples(real_images, image_size):
+    """Return uint8 (N, S, S, 1): real 28x28 digits as the model saw them in training, at the samples' size S.
+
+    data.to_model_tensor (pad or resize to S, scale to [-1, 1]), then images.to_uint8
+    (pixel = round((x + 1) * 127.5) clipped to 0..255), the conversion generated images go through.
+    """
+    return to_uint8(data.to_model_tensor(real_images, image_size))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The figures
+# ---------------------------------------------------------------------------------------------------------
+
+def mean_confidence(probabilities):
+    """Return mean_i max_k p_ik: the classifier's average top softmax probability."""
+    return float(np.mean(np.max(probabilities, axis=1)))
+
+
+def predicted_class_histogram(probabilities):
+    """Return int (classes,) counts of argmax_k p_ik over the samples i."""
+    return np.bincount(np.argmax(probabilities, axis=1), minlength=probabilities.shape[1])
+
+
+def histogram_entropy(counts):
+    """Return the entropy in nats of a histogram: H = -sum_k q_k ln q_k with q_k = counts_k / sum(counts).
+
+    Empty bins contribute 0 (the limit of q ln q); ln(K) for K equal bins, 0 for a single bin.
+    """
+    frequencies = np.asarray(counts, dtype=np.float64) / np.sum(counts)
+    nonzero = frequencies[frequencies > 0]
+    return float(-np.sum(nonzero * np.log(nonzero)))
+
+
+def background_noise(images):
+    """Return (dark_mean, midtone_fraction) of uint8 images: the background-noise figures, both in [0, 1].
+
+    dark_mean = mean of pixel / 255 over the pixels below mid-grey (< 128), NaN when there are none;
+    midtone_fraction = fraction of pixels with 0.2 <= pixel / 255 <= 0.8.
+    """
+    levels = np.asarray(images, dtype=np.float64) / 255.0
+    dark = levels[np.asarray(images) < MID_GREY]
+    dark_mean = float(dark.mean()) if dark.size else float("nan")
+    midtone_fraction = float(np.mean((levels >= MIDTONE_LOW) & (levels <= MIDTONE_HIGH)))
+    return dark_mean, midtone_fraction
+
+
+def reference_statistics(model, real_images, image_size, device="cpu"):
+    """Return the real digits' figures at the samples' size: {"mu", "sigma", "dark_mean", "midtone_fraction", "n"}.
+
+    The real uint8 (N, 28, 28) digits take the samples' path (real_digits_like_samples, then
+    digits_at_classifier_size); mu and sigma are float64 tensors, so the dict can be torch.save'd.
+    """
+    real_like_samples = real_digits_like_samples(real_images, image_size)
+    features, _ = classifier_outputs(model, digits_at_classifier_size(real_like_samples), device)
+    mu, sigma = gaussian_fit(features)
+    dark_mean, midtone_fraction = background_noise(real_like_samples)
+    return {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "dark_mean": dark_mean,
+            "midtone_fraction": midtone_fraction, "n": len(real_images)}
+
+
+def cached_reference_statistics(model, cache, path, real_images, image_size, device="cpu"):
+    """Return reference_statistics at image_size from the cache dict, computing and saving it there if absent."""
+    key = str(image_size)
+    if key not in cache["references"]:
+        cache["references"][key] = reference_statistics(model, real_images, image_size, device)
+        save_cache(path, cache)
+    return cache["references"][key]
+
+
+def sample_figures(samples, model, reference, device="cpu"):
+    """Return the dict of figures of uint8 samples (N, H, W, 1) against reference (see reference_statistics).
+
+    Keys: n_samples, image_size, fid, confidence, class_histogram, class_entropy_nats, max_class_entropy_nats,
+    dark_mean, real_dark_mean, midtone_fraction, real_midtone_fraction, n_real.
+    """
+    features, probabilities = classifier_outputs(model, digits_at_classifier_size(samples), device)
+    mu, sigma = gaussian_fit(features)
+    histogram = predicted_class_histogram(probabilities)
+    dark_mean, midtone_fraction = background_noise(samples)
+    return {
+        "n_samples": int(samples.shape[0]),
+        "image_size": int(samples.shape[1]),
+        "fid": frechet_distance(mu, sigma, reference["mu"].numpy(), reference["sigma"].numpy()),
+        "confidence": mean_confidence(probabilities),
+        "class_histogram": [int(count) for count in histogram],
+        "class_entropy_nats": histogram_entropy(histogram),
+        "max_class_entropy_nats": math.log(len(histogram)),
+        "dark_mean": dark_mean,
+        "real_dark_mean": reference["dark_mean"],
+        "midtone_fraction": midtone_fraction,
+        "real_midtone_fraction": reference["midtone_fraction"],
+        "n_real": int(reference["n"]),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+def load_samples(path):
+    """Return the uint8 (N, S, S, 1) samples stored under 'arr_0' in the .npz at path, checked for shape.
+
+    Raises EvaluationError (one line: what is wrong, what to do) for a missing file, a file that is not an
+    .npz, a missing 'arr_0', a dtype other than uint8, a shape other than (N, S, S, 1), or N < 2.
+    """
+    hint = "pass the .npz that sample.py writes (np.savez with uint8 (N, H, W, 1) under 'arr_0')"
+    if not os.path.isfile(path):
+        raise EvaluationError(f"samples file {path} not found: {hint}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise EvaluationError(f"{path} is not an .npz archive ({error}): {hint}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise EvaluationError(f"{path} is a single .npy array, not an .npz archive: {hint}")
+    with archive:
+        if SAMPLES_KEY not in archive.files:
+            raise EvaluationError(f"{path} has no '{SAMPLES_KEY}' array (it holds {archive.files}): {hint}")
+        try:
+            samples = archive[SAMPLES_KEY]
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+            raise EvaluationError(f"{path}: '{SAMPLES_KEY}' cannot be read ({error}): {hint}") from None
+    if samples.dtype != np.uint8:
+        raise EvaluationError(f"{path}: '{SAMPLES_KEY}' has dtype {samples.dtype}, expected uint8 pixels 0..255: "
+                              f"convert with images.to_uint8 or re-run sample.py")
+    if samples.ndim != 4 or samples.shape[1] != samples.shape[2] or samples.shape[3] not in ACCEPTED_CHANNELS:
+        raise EvaluationError(f"{path}: '{SAMPLES_KEY}' has shape {samples.shape}, expected (N, S, S, 1) "
+                              f"grey MNIST samples: {hint}")
+    if samples.shape[0] < 2:
+        raise EvaluationError(f"{path} holds {samples.shape[0]} sample(s), FID needs at least 2 "
+                              f"(and >= {FID_RELIABLE_SAMPLES} to be trustworthy): sample more images")
+    return samples
+
+
+def resolve_device(name):
+    """Return torch.device(name) after checking it exists here; EvaluationError for an unknown or absent one."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise EvaluationError(f"--device {name} is not a device name: use cpu, cuda or cuda:<index>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {name} requested but no CUDA GPU is available: use --device cpu")
+    return device
+
+
+def format_report(figures, cache):
+    """Return the human-readable report: one figure per line, samples beside real digits where both exist."""
+    histogram = " ".join(f"{digit}:{count}" for digit, count in enumerate(figures["class_histogram"]))
+    return "\n".join([
+        f"samples: {figures['n_samples']} images of {figures['image_size']}x{figures['image_size']}, "
+        f"real reference: {figures['n_real']} MNIST {cache['split']} digits at the same size",
+        f"classifier: LeNet v{CLASSIFIER_VERSION}, held-out accuracy {cache['heldout_accuracy']:.4f} "
+        f"on {cache['heldout_digits']} digits (trained on {cache['train_digits']} digits for {cache['epochs']} "
+        f"epochs in {cache['train_seconds']:.1f} s)",
+        f"FID (LeNet features, lower is better): {figures['fid']:.3f}",
+        f"confidence (mean top softmax): {figures['confidence']:.4f}",
+        f"class coverage: entropy {figures['class_entropy_nats']:.4f} nats "
+        f"(perfect balance ln 10 = {figures['max_class_entropy_nats']:.4f})",
+        f"predicted classes: {histogram}",
+        f"background: mean of dark pixels {figures['dark_mean']:.4f} (real {figures['real_dark_mean']:.4f}), "
+        f"mid-tone fraction {figures['midtone_fraction']:.4f} (real {figures['real_midtone_fraction']:.4f})",
+    ])
+
+
+def parse_args(argv=None):
+    """Return the parsed command line: samples, data_dir, cache (default <data_dir>/eval_cache), device."""
+    parser = argparse.ArgumentParser(description="Score DDPM MNIST samples: LeNet FID, confidence, class "
+                                                 "coverage, background noise. The last line printed is JSON.")
+    parser.add_argument("samples", help="the .npz written by sample.py (uint8 (N, H, W, 1) under 'arr_0')")
+    parser.add_argument("--data-dir", default="data", help="where the MNIST files are (default: data)")
+    parser.add_argument("--cache", default=None,
+                        help="where the classifier and real-digit statistics are cached "
+                             "(default: <data-dir>/eval_cache)")
+    parser.add_argument("--device", default="cpu", help="device for the classifier's forward passes")
+    args = parser.parse_args(argv)
+    if args.cache is None:
+        args.cache = os.path.join(args.data_dir, "eval_cache")
+    return args
+
+
+def main(argv=None):
+    """Return the exit status: 0 after printing the report and its JSON last line, 1 after a one-line error."""
+    args = parse_args(argv)
+    try:
+        samples = load_samples(args.samples)
+        device = resolve_device(args.device)
+        model, cache = load_or_train_classifier(args.data_dir, args.cache)
+        real_images, _ = data.load_mnist(args.data_dir)
+        reference = cached_reference_statistics(model, cache, cache_path(args.cache, cache["split"]),
+                                                real_images, samples.shape[1], device)
+        figures = sample_figures(samples, model, reference, device)
+    except (EvaluationError, data.DataError, OSError) as error:
+        # Messages quoted from numpy or the OS may span lines; the contract is one line.
+        print(f"evaluate.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    if figures["n_samples"] < FID_RELIABLE_SAMPLES:
+        print(f"evaluate.py: warning: FID from N={figures['n_samples']} samples is biased upward "
+              f"(use >= {FID_RELIABLE_SAMPLES}); compare only FIDs computed from the same N", file=sys.stderr)
+    figures.update(classifier_version=CLASSIFIER_VERSION, reference_split=cache["split"],
+                   classifier_heldout_accuracy=cache["heldout_accuracy"])
+    print(format_report(figures, cache))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

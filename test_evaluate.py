@@ -1,0 +1,429 @@
+"""Tests of evaluate.py: the Frechet distance math, the LeNet classifier, the sample figures and the command line.
+
+The classifier is trained once per module (2 epochs, see TEST_EPOCHS) into a temporary cache, on a temporary
+data directory that holds only the bundled 10,000-digit test split, so the tests never read or write data/.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import data
+import evaluate
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED_DATA = os.path.join(HERE, "data")
+EVALUATE_SCRIPT = os.path.join(HERE, "evaluate.py")
+
+small_floats = st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False)
+positive_floats = st.floats(1e-3, 10.0, allow_nan=False, allow_infinity=False)
+means = st.floats(-5.0, 5.0, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def psd_matrices(draw, min_rank=1):
+    """Draw A = B B^T with B (d, k), d in 1..6 and k in min_rank..6: symmetric PSD, singular when k < d."""
+    size = draw(st.integers(1, 6))
+    rank = draw(st.integers(min(min_rank, size), 6))
+    factor = draw(hnp.arrays(np.float64, (size, rank), elements=small_floats))
+    return factor @ factor.T
+
+
+@st.composite
+def gaussian_pairs(draw):
+    """Draw (mu1, sigma1, mu2, sigma2) of one dimension d in 1..6 with covariances B B^T + 0.1 I (well conditioned)."""
+    size = draw(st.integers(1, 6))
+    mu1, mu2 = (draw(hnp.arrays(np.float64, size, elements=means)) for _ in range(2))
+    factors = [draw(hnp.arrays(np.float64, (size, size), elements=small_floats)) for _ in range(2)]
+    sigma1, sigma2 = (factor @ factor.T + 0.1 * np.eye(size) for factor in factors)
+    return mu1, sigma1, mu2, sigma2
+
+
+@st.composite
+def commuting_covariances(draw):
+    """Draw (a, b, Q): eigenvalues a, b > 0 of length d in 1..6 and an orthogonal Q, so Q diag(a) Q^T and
+    Q diag(b) Q^T commute."""
+    size = draw(st.integers(1, 6))
+    a, b = (draw(hnp.arrays(np.float64, size, elements=positive_floats)) for _ in range(2))
+    raw = draw(hnp.arrays(np.float64, (size, size), elements=small_floats))
+    orthogonal, _ = np.linalg.qr(raw + 10.0 * np.eye(size))
+    return a, b, orthogonal
+
+
+class_counts = hnp.arrays(np.int64, st.integers(1, 12), elements=st.integers(0, 1000)).filter(
+    lambda counts: counts.sum() > 0)
+
+# Two epochs instead of the default four keep the module fast; at lr 2e-3 they reach 0.97 on the held-out
+# 2,000 digits (four epochs: 0.98), so the 0.95 bar below has a margin of two points.
+TEST_EPOCHS = 2
+HELDOUT_ACCURACY_BAR = 0.95
+SAMPLE_SIZE = 32
+SET_SIZE = 2000
+FIGURE_KEYS = {
+    "n_samples", "image_size", "fid", "confidence", "class_histogram", "class_entropy_nats",
+    "max_class_entropy_nats", "dark_mean", "real_dark_mean", "midtone_fraction", "real_midtone_fraction",
+    "n_real", "classifier_version", "reference_split", "classifier_heldout_accuracy",
+}
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(tmp_path_factory):
+    """A data directory holding only (links to) the bundled MNIST test split, whatever data/ also holds."""
+    directory = tmp_path_factory.mktemp("mnist")
+    for name in data.MNIST_TEST_FILES:
+        os.symlink(os.path.join(BUNDLED_DATA, name), directory / name)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def trained(mnist_dir, tmp_path_factory):
+    """(model, cache, cache_dir): the classifier trained once for this module into a temporary cache."""
+    cache_dir = str(tmp_path_factory.mktemp("eval_cache"))
+    model, cache = evaluate.load_or_train_classifier(mnist_dir, cache_dir, epochs=TEST_EPOCHS)
+    return model, cache, cache_dir
+
+
+@pytest.fixture(scope="module")
+def figures_by_set(trained, mnist_dir):
+    """Figures of five 2,000-image sets at 32x32 against a reference of 5,000 other real digits.
+
+    real: the other half of the digits; noise: uniform pixels; blurred: real digits under a 5x5 box blur;
+    textured: real digits on a background of uniform noise in 0..99 (max(digit, noise), strokes intact).
+    """
+    model, _, _ = trained
+    digits, _ = data.load_mnist(mnist_dir)
+    reference = evaluate.reference_statistics(model, digits[0::2], SAMPLE_SIZE)
+    real = evaluate.real_digits_like_samples(digits[1::2][:SET_SIZE], SAMPLE_SIZE)
+    rng = np.random.default_rng(0)
+    blurred = F.avg_pool2d(torch.from_numpy(real).permute(0, 3, 1, 2).double(), 5, stride=1, padding=2)
+    sets = {
+        "real": real,
+        "noise": rng.integers(0, 256, size=real.shape, dtype=np.uint8),
+        "blurred": blurred.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy(),
+        "textured": np.maximum(real, rng.integers(0, 100, size=real.shape, dtype=np.uint8)),
+    }
+    return {name: evaluate.sample_figures(images, model, reference) for name, images in sets.items()}
+
+
+def write_npz(path, **arrays):
+    """Return path as a string after saving arrays into it with np.savez."""
+    np.savez(path, **arrays)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Frechet distance
+# ---------------------------------------------------------------------------------------------------------
+
+@given(psd_matrices())
+def test_sqrtm_psd_squares_back_to_the_matrix(matrix):
+    """R = sqrtm_psd(A) satisfies R @ R = A for every symmetric PSD A, singular ones included."""
+    root = evaluate.sqrtm_psd(matrix)
+    scale = max(1.0, np.abs(matrix).max())
+    np.testing.assert_allclose(root @ root, matrix, rtol=0, atol=1e-9 * scale)
+
+
+@given(psd_matrices())
+def test_sqrtm_psd_is_the_symmetric_psd_root(matrix):
+    """R = sqrtm_psd(A) is symmetric with eigenvalues >= 0: the principal root, not one of the other 2^d."""
+    root = evaluate.sqrtm_psd(matrix)
+    scale = max(1.0, np.abs(matrix).max())
+    np.testing.assert_allclose(root, root.T, rtol=0, atol=1e-12 * scale)
+    assert np.linalg.eigvalsh(root).min() >= -1e-6 * math.sqrt(scale)
+
+
+@given(psd_matrices(), hnp.arrays(np.float64, 6, elements=means))
+def test_frechet_distance_of_identical_gaussians_is_zero(sigma, mu):
+    """d^2(N(mu, S), N(mu, S)) = 0 + Tr(2 S - 2 (S^2)^(1/2)) = 0."""
+    mu = mu[:sigma.shape[0]]
+    assert evaluate.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6 * max(1.0, np.trace(sigma)))
+
+
+@given(hnp.arrays(np.float64, 4, elements=positive_floats), hnp.arrays(np.float64, 4, elements=positive_floats),
+       hnp.arrays(np.float64, 4, elements=means), hnp.arrays(np.float64, 4, elements=means))
+def test_frechet_distance_of_diagonal_covariances(a, b, mu1, mu2):
+    """With S1 = diag(a), S2 = diag(b): d^2 = ||mu1 - mu2||^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2."""
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+@given(means, positive_floats, means, positive_floats)
+def test_frechet_distance_in_one_dimension(mu1, variance1, mu2, variance2):
+    """In 1-D: d^2 = (mu1 - mu2)^2 + (sigma1 - sigma2)^2 with sigma the standard deviations; scalars accepted."""
+    expected = (mu1 - mu2) ** 2 + (math.sqrt(variance1) - math.sqrt(variance2)) ** 2
+    assert evaluate.frechet_distance(mu1, variance1, mu2, variance2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+@given(commuting_covariances(), hnp.arrays(np.float64, 6, elements=means))
+def test_frechet_distance_of_commuting_covariances(covariances, mu):
+    """S1 = Q diag(a) Q^T and S2 = Q diag(b) Q^T commute, so (S1 S2)^(1/2) = Q diag(sqrt(a b)) Q^T and
+    d^2 (equal means) = sum_i (sqrt(a_i) - sqrt(b_i))^2."""
+    a, b, orthogonal = covariances
+    mu = mu[:len(a)]
+    sigma1, sigma2 = orthogonal @ np.diag(a) @ orthogonal.T, orthogonal @ np.diag(b) @ orthogonal.T
+    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert evaluate.frechet_distance(mu, sigma1, mu, sigma2) == pytest.approx(expected, rel=1e-7, abs=1e-8)
+
+
+@given(gaussian_pairs())
+def test_frechet_distance_is_symmetric(pair):
+    """d^2(N1, N2) = d^2(N2, N1), although the formula takes the root of S1 only."""
+    mu1, sigma1, mu2, sigma2 = pair
+    forward = evaluate.frechet_distance(mu1, sigma1, mu2, sigma2)
+    assert evaluate.frechet_distance(mu2, sigma2, mu1, sigma1) == pytest.approx(forward, rel=1e-8, abs=1e-8)
+
+
+@given(gaussian_pairs())
+def test_frechet_distance_matches_the_eigenvalues_of_the_covariance_product(pair):
+    """Tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(S1 S2)) (S1 S2 is similar to a PSD matrix), an independent route
+    to d^2 for non-commuting covariances."""
+    mu1, sigma1, mu2, sigma2 = pair
+    product_eigenvalues = np.clip(np.linalg.eigvals(sigma1 @ sigma2).real, 0.0, None)
+    expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+                - 2.0 * np.sum(np.sqrt(product_eigenvalues)))
+    assert evaluate.frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-7, abs=1e-7)
+
+
+def test_frechet_distance_pinned_value():
+    """mu (0, 0) vs (3, 4), diag(4, 9) vs I: d^2 = 25 + (2 - 1)^2 + (3 - 1)^2 = 30."""
+    assert evaluate.frechet_distance([0, 0], np.diag([4.0, 9.0]), [3, 4], np.eye(2)) == pytest.approx(30.0)
+
+
+def test_gaussian_fit_uses_the_unbiased_covariance():
+    """Features [[0, 1], [2, 1]]: mu = (1, 1), sigma = sum (f - mu)(f - mu)^T / (N - 1) = [[2, 0], [0, 0]]."""
+    mu, sigma = evaluate.gaussian_fit(np.array([[0.0, 1.0], [2.0, 1.0]]))
+    np.testing.assert_allclose(mu, [1.0, 1.0])
+    np.testing.assert_allclose(sigma, [[2.0, 0.0], [0.0, 0.0]])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The simple figures
+# ---------------------------------------------------------------------------------------------------------
+
+@given(class_counts)
+def test_histogram_entropy_lies_between_zero_and_log_classes(counts):
+    """0 <= H(q) <= ln K for any histogram of K bins."""
+    entropy = evaluate.histogram_entropy(counts)
+    assert -1e-12 <= entropy <= math.log(len(counts)) + 1e-12
+
+
+def test_histogram_entropy_pinned_values():
+    """Ten equal bins: ln 10; one full bin: 0; two equal bins among four: ln 2."""
+    assert evaluate.histogram_entropy([7] * 10) == pytest.approx(math.log(10))
+    assert evaluate.histogram_entropy([0, 0, 5, 0]) == 0.0
+    assert evaluate.histogram_entropy([3, 0, 3, 0]) == pytest.approx(math.log(2))
+
+
+def test_confidence_and_class_histogram_pinned_values():
+    """Rows (0.9, 0.1), (0.3, 0.7), (0.6, 0.4): confidence = (0.9 + 0.7 + 0.6) / 3, argmax histogram = (2, 1)."""
+    probabilities = np.array([[0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    assert evaluate.mean_confidence(probabilities) == pytest.approx(2.2 / 3)
+    assert evaluate.predicted_class_histogram(probabilities).tolist() == [2, 1]
+
+
+def test_background_noise_pinned_values():
+    """Pixels 0, 51, 127, 128, 204, 255, 0, 0: dark (< 128) are 0, 51, 127, 0, 0 -> mean 178 / 5 / 255;
+    mid-tones (51 <= p <= 204) are 51, 127, 128, 204 -> 4 of 8."""
+    pixels = np.array([0, 51, 127, 128, 204, 255, 0, 0], dtype=np.uint8).reshape(1, 2, 4, 1)
+    dark_mean, midtone_fraction = evaluate.background_noise(pixels)
+    assert dark_mean == pytest.approx(178 / 5 / 255)
+    assert midtone_fraction == pytest.approx(0.5)
+
+
+def test_background_noise_of_an_all_white_image_has_no_dark_mean():
+    """Without pixels below mid-grey the dark mean is undefined (NaN); all-white has no mid-tones."""
+    dark_mean, midtone_fraction = evaluate.background_noise(np.full((1, 4, 4, 1), 255, dtype=np.uint8))
+    assert math.isnan(dark_mean) and midtone_fraction == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One path to 28x28
+# ---------------------------------------------------------------------------------------------------------
+
+@given(hnp.arrays(np.uint8, (2, 28, 28, 1)))
+def test_digits_at_classifier_size_keeps_28x28_pixels(pixels):
+    """28x28 images are not resampled: output = pixel / 255, shape (N, 1, 28, 28)."""
+    output = evaluate.digits_at_classifier_size(pixels)
+    assert output.shape == (2, 1, 28, 28)
+    torch.testing.assert_close(output, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255)
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_digits_at_classifier_size_resizes_constant_images_to_the_same_constant(size):
+    """A bilinear antialiased resize averages with weights summing to 1, so a constant image stays constant."""
+    output = evaluate.digits_at_classifier_size(np.full((3, size, size, 1), 200, dtype=np.uint8))
+    assert output.shape == (3, 1, 28, 28)
+    torch.testing.assert_close(output, torch.full_like(output, 200 / 255))
+
+
+def test_real_digits_like_samples_are_the_digits_at_28_and_padded_at_32():
+    """At 28 the training preprocessing and back is the identity; at 32 it adds a 2-pixel black border."""
+    digits, _ = data.load_mnist(BUNDLED_DATA)
+    digits = digits[:50]
+    np.testing.assert_array_equal(evaluate.real_digits_like_samples(digits, 28)[..., 0], digits)
+    padded = evaluate.real_digits_like_samples(digits, 32)[..., 0]
+    np.testing.assert_array_equal(padded[:, 2:30, 2:30], digits)
+    assert padded.sum() == digits.astype(np.int64).sum()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The classifier
+# ---------------------------------------------------------------------------------------------------------
+
+def test_training_is_deterministic_and_restores_the_torch_settings():
+    """Two trainings with the same seed give bitwise equal weights; the caller's torch RNG state, thread count
+    and determinism setting are as before."""
+    digits, labels = data.load_mnist(BUNDLED_DATA)
+    settings_before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    rng_before = torch.get_rng_state()
+    first = evaluate.train_classifier(digits[:384], labels[:384], epochs=1)
+    second = evaluate.train_classifier(digits[:384], labels[:384], epochs=1)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == settings_before
+    for name, weight in first.state_dict().items():
+        assert torch.equal(weight, second.state_dict()[name]), name
+
+
+def test_classifier_reaches_the_heldout_accuracy_bar(trained):
+    """Trained on the first 8,000 test digits, the LeNet classifies the held-out last 2,000 above 95 %."""
+    _, cache, _ = trained
+    assert cache["split"] == "test" and cache["train_digits"] == 8000 and cache["heldout_digits"] == 2000
+    assert cache["heldout_accuracy"] > HELDOUT_ACCURACY_BAR
+
+
+def test_cached_classifier_is_reloaded_not_retrained(trained, mnist_dir):
+    """A second call finds the cache file and returns the same weights and the same recorded training."""
+    model, cache, cache_dir = trained
+    reloaded, reloaded_cache = evaluate.load_or_train_classifier(mnist_dir, cache_dir, epochs=TEST_EPOCHS)
+    assert reloaded_cache["train_seconds"] == cache["train_seconds"]
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, reloaded.state_dict()[name]), name
+
+
+def test_unreadable_cache_is_a_one_line_error(tmp_path, mnist_dir):
+    """A damaged cache file is reported (what and what to do), not retrained over or traced back."""
+    (tmp_path / os.path.basename(evaluate.cache_path(str(tmp_path), "test"))).write_bytes(b"not a torch file")
+    with pytest.raises(evaluate.EvaluationError, match="delete it"):
+        evaluate.load_or_train_classifier(mnist_dir, str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Figures of real and degraded digits
+# ---------------------------------------------------------------------------------------------------------
+
+def test_real_digits_score_near_the_fid_floor(figures_by_set):
+    """Two disjoint sets of real digits differ only by sampling: FID of 2,000 vs 5,000 stays below 10 (it is
+    about 2 to 4 here; the finite-N bias of a 128-dim covariance keeps it above 0)."""
+    assert figures_by_set["real"]["fid"] < 10.0
+
+
+def test_degraded_digits_score_clearly_worse_with_noise_worst(figures_by_set):
+    """FID orders the sets: real << textured, blurred << noise; each degraded set is at least 5x the floor."""
+    fids = {name: figures["fid"] for name, figures in figures_by_set.items()}
+    assert fids["textured"] > 5 * fids["real"] and fids["blurred"] > 5 * fids["real"]
+    assert fids["noise"] > 1.5 * max(fids["textured"], fids["blurred"])
+
+
+def test_real_digits_are_confident_and_balanced_noise_is_not(figures_by_set):
+    """Real digits: confidence > 0.85 and class entropy within 0.05 of ln 10; noise: lower on both.
+
+    Real 32x32 digits come out near 0.90 (0.94 with the default 4 epochs), below the 0.97 held-out accuracy
+    at 28x28: shrunk 28 -> 24.5 pixels by the padding and resize, they are smaller than the training digits."""
+    real, noise = figures_by_set["real"], figures_by_set["noise"]
+    assert real["confidence"] > 0.85 and real["class_entropy_nats"] > math.log(10) - 0.05
+    assert noise["confidence"] < real["confidence"] and noise["class_entropy_nats"] < real["class_entropy_nats"] - 1
+    assert sum(real["class_histogram"]) == SET_SIZE
+
+
+def test_background_noise_real_digits_are_clean_textured_ones_are_not(figures_by_set):
+    """Real digits match the real reference (dark mean within 0.005, mid-tones within 0.01, dark mean < 0.03);
+    the textured background raises the dark mean above 5x and the mid-tone fraction above 3x the real one."""
+    real, textured = figures_by_set["real"], figures_by_set["textured"]
+    assert real["dark_mean"] < 0.03
+    assert abs(real["dark_mean"] - real["real_dark_mean"]) < 0.005
+    assert abs(real["midtone_fraction"] - real["real_midtone_fraction"]) < 0.01
+    assert textured["dark_mean"] > 5 * textured["real_dark_mean"]
+    assert textured["midtone_fraction"] > 3 * textured["real_midtone_fraction"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------
+
+def test_cli_prints_every_figure_as_json_on_the_last_line(trained, mnist_dir, tmp_path):
+    """`python evaluate.py samples.npz` exits 0; its last stdout line is JSON with every figure; N < 1000 warns."""
+    _, cache, cache_dir = trained
+    digits, _ = data.load_mnist(mnist_dir)
+    path = write_npz(tmp_path / "samples.npz", arr_0=evaluate.real_digits_like_samples(digits[:64], SAMPLE_SIZE))
+    result = subprocess.run([sys.executable, EVALUATE_SCRIPT, path, "--data-dir", mnist_dir, "--cache", cache_dir],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(figures) == FIGURE_KEYS
+    assert figures["n_samples"] == 64 and figures["image_size"] == SAMPLE_SIZE and figures["n_real"] == 10000
+    assert figures["classifier_heldout_accuracy"] == cache["heldout_accuracy"]
+    assert "N=64" in result.stderr and "Traceback" not in result.stderr
+
+
+def bad_inputs(tmp_path):
+    """Return {case: path} of sample files that evaluate.py must refuse, written into tmp_path."""
+    grey = np.zeros((4, 32, 32, 1), dtype=np.uint8)
+    (tmp_path / "text.npz").write_text("these are not samples\n")
+    np.save(tmp_path / "single.npy", grey)
+    return {
+        "missing": str(tmp_path / "absent.npz"),
+        "not_npz": str(tmp_path / "text.npz"),
+        "npy_not_npz": str(tmp_path / "single.npy"),
+        "no_arr_0": write_npz(tmp_path / "no_key.npz", samples=grey),
+        "float_dtype": write_npz(tmp_path / "float.npz", arr_0=grey.astype(np.float32)),
+        "no_channel_axis": write_npz(tmp_path / "hw.npz", arr_0=grey[..., 0]),
+        "rgb": write_npz(tmp_path / "rgb.npz", arr_0=np.zeros((4, 32, 32, 3), dtype=np.uint8)),
+        "not_square": write_npz(tmp_path / "wide.npz", arr_0=np.zeros((4, 32, 28, 1), dtype=np.uint8)),
+        "one_sample": write_npz(tmp_path / "one.npz", arr_0=grey[:1]),
+    }
+
+
+BAD_INPUT_MESSAGES = {
+    "missing": "not found", "not_npz": "not an .npz", "npy_not_npz": "not an .npz", "no_arr_0": "no 'arr_0'",
+    "float_dtype": "dtype float32", "no_channel_axis": "shape (4, 32, 32)", "rgb": "shape (4, 32, 32, 3)",
+    "not_square": "shape (4, 32, 28, 1)", "one_sample": "at least 2",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT_MESSAGES))
+def test_cli_refuses_bad_samples_with_one_line(case, tmp_path, capsys):
+    """Each bad samples file: exit status 1, nothing on stdout, one line on stderr naming the problem.
+
+    The check runs before the classifier is needed (the cache directory stays empty)."""
+    cache_dir = tmp_path / "cache"
+    status = evaluate.main([bad_inputs(tmp_path)[case], "--cache", str(cache_dir)])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.out == ""
+    assert len(captured.err.strip().splitlines()) == 1 and BAD_INPUT_MESSAGES[case] in captured.err
+    assert not cache_dir.exists()
+
+
+def test_cli_bad_samples_exit_without_traceback_in_a_real_process(tmp_path):
+    """A real `python evaluate.py` on a float array exits non-zero with a single stderr line, no traceback."""
+    path = bad_inputs(tmp_path)["float_dtype"]
+    result = subprocess.run([sys.executable, EVALUATE_SCRIPT, path, "--cache", str(tmp_path / "cache")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_cli_refuses_an_unknown_device_with_one_line(tmp_path, capsys):
+    """--device with a name torch does not know: exit status 1 and a one-line hint."""
+    path = write_npz(tmp_path / "ok.npz", arr_0=np.zeros((4, 32, 32, 1), dtype=np.uint8))
+    status = evaluate.main([path, "--device", "abacus", "--cache", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    assert status == 1 and len(captured.err.strip().splitlines()) == 1 and "--device abacus" in captured.err
