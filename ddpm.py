@@ -1,0 +1,345 @@
+"""DDPM as regression on the added noise: the lecture's math, one function per formula.
+
+Reads in the order of the lecture: schedule -> forward process -> the noise derivation ->
+posterior -> reverse step -> sampling loop -> loss. Beyond the lecture, kept next to it:
+the cosine schedule (Nichol and Dhariwal, 2021) and the deterministic DDIM sampler (Song et al., 2021).
+
+Indexing: the code's t = 0 .. T-1 is the paper's t = 1 .. T (Ho et al., 2020). So
+alphas_cumprod[t] = prod_{i <= t} (1 - betas[i]) and alphas_cumprod_prev[0] = 1 stands for abar_0 = 1.
+
+Only torch and math are imported: copy this file alone into another project.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def linear_beta_schedule(timesteps, start=0.0001, end=0.02):
+    """Return the lecture's linear noise schedule, float64, shape (timesteps,).
+
+    betas[t] = start + (end - start) * t / (timesteps - 1),  t = 0 .. T-1
+    """
+    if timesteps < 2:
+        raise ValueError(f"timesteps must be at least 2, got {timesteps}")
+    if not 0.0 < start < end < 1.0:
+        raise ValueError(f"need 0 < start < end < 1 for a linear schedule, got start={start}, end={end}")
+    return torch.linspace(start, end, timesteps, dtype=torch.float64)
+
+
+def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
+    """Return the cosine noise schedule of Nichol and Dhariwal (2021), float64, shape (timesteps,).
+
+    f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2),  abar(t) = f(t) / f(0),  t = 0 .. T
+    betas[t] = min(1 - abar(t + 1) / abar(t), max_beta)
+    so that alphas_cumprod[t] = abar(t + 1) (up to the clipping, which only bites near t = T).
+    """
+    if timesteps < 2:
+        raise ValueError(f"timesteps must be at least 2, got {timesteps}")
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    abar = f / f[0]
+    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
+
+
+BETA_SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The lecture's precomputed constants, each a 1-D tensor of length T indexed by t = 0 .. T-1.
+
+    Built in float64 by `from_betas`, then cast to `dtype`, so that tests can hold them to tight
+    tolerances while training uses float32. `posterior_mean_coef1/2` are the two coefficients of
+    the posterior mean (Ho et al., eq. 7).
+    """
+
+    betas: torch.Tensor
+    alphas: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    alphas_cumprod_prev: torch.Tensor
+    sqrt_recip_alphas: torch.Tensor
+    sqrt_alphas_cumprod: torch.Tensor
+    sqrt_one_minus_alphas_cumprod: torch.Tensor
+    posterior_variance: torch.Tensor
+    posterior_mean_coef1: torch.Tensor
+    posterior_mean_coef2: torch.Tensor
+
+    @classmethod
+    def from_betas(cls, betas, dtype=torch.float32):
+        """Return the Schedule of a beta schedule, computed in float64 and cast to dtype.
+
+        alphas = 1 - betas
+        alphas_cumprod[t] = prod_{i <= t} alphas[i]
+        alphas_cumprod_prev = [1, alphas_cumprod[0], ..., alphas_cumprod[T-2]]
+        sqrt_recip_alphas = sqrt(1 / alphas)
+        sqrt_alphas_cumprod = sqrt(alphas_cumprod)
+        sqrt_one_minus_alphas_cumprod = sqrt(1 - alphas_cumprod)
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)
+        posterior_mean_coef1 = betas * sqrt(alphas_cumprod_prev) / (1 - alphas_cumprod)        (multiplies x0)
+        posterior_mean_coef2 = (1 - alphas_cumprod_prev) * sqrt(alphas) / (1 - alphas_cumprod)  (multiplies x_t)
+        """
+        betas = torch.as_tensor(betas).to(torch.float64).cpu()
+        if betas.ndim != 1 or len(betas) < 2:
+            raise ValueError(f"betas must be a 1-D tensor with at least 2 entries, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("every beta must lie strictly between 0 and 1")
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = F.pad(alphas_cumprod[:-1], (1, 0), value=1.0)
+        tables = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_recip_alphas=torch.sqrt(1.0 / alphas),
+            sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod),
+            sqrt_one_minus_alphas_cumprod=torch.sqrt(1.0 - alphas_cumprod),
+            posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef1=betas * torch.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - alphas_cumprod),
+        )
+        return cls(**{name: table.to(dtype) for name, table in tables.items()})
+
+    @classmethod
+    def create(cls, timesteps, schedule="linear", dtype=torch.float32):
+        """Return the Schedule of a named beta schedule ("linear", the lecture's, or "cosine") with T steps."""
+        if schedule not in BETA_SCHEDULES:
+            raise ValueError(f"unknown schedule {schedule!r}: choose one of {sorted(BETA_SCHEDULES)}")
+        return cls.from_betas(BETA_SCHEDULES[schedule](timesteps), dtype=dtype)
+
+    @property
+    def timesteps(self):
+        """Return T, the number of diffusion steps."""
+        return len(self.betas)
+
+    def to(self, device=None, dtype=None):
+        """Return a copy with every table moved to device and/or cast to dtype."""
+        return Schedule(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
+
+
+def get_index_from_list(vals, t, x_shape):
+    """Return vals[t] for each sample, shaped (B, 1, 1, ...) to broadcast over a batch of shape x_shape.
+
+    out[b, 0, 0, 0] = vals[t[b]]   (t: LongTensor of shape (B,), one timestep per image)
+    """
+    batch_size = t.shape[0]
+    out = vals.gather(-1, t.to(vals.device))
+    return out.reshape(batch_size, *((1,) * (len(x_shape) - 1)))
+
+
+# ----------------------------------------------------------------------------- forward process
+
+
+def forward_diffusion_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, noise=None, generator=None):
+    """Return (x_t, noise): a draw from q(x_t | x0) in closed form, and the noise that made it.
+
+    x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps,   eps ~ N(0, I)      (Ho et al., eq. 4)
+    """
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    sqrt_alphas_cumprod_t = get_index_from_list(sqrt_alphas_cumprod, t, x0.shape).to(x0.dtype)
+    sqrt_one_minus_alphas_cumprod_t = get_index_from_list(sqrt_one_minus_alphas_cumprod, t, x0.shape).to(x0.dtype)
+    return sqrt_alphas_cumprod_t * x0 + sqrt_one_minus_alphas_cumprod_t * noise, noise
+
+
+def noise_from_x0(x_t, t, x0, schedule):
+    """Return the noise that takes x0 to x_t: the forward process solved for eps.
+
+    eps = (x_t - sqrt(abar_t) * x0) / sqrt(1 - abar_t)
+    """
+    sqrt_alphas_cumprod_t = get_index_from_list(schedule.sqrt_alphas_cumprod, t, x_t.shape)
+    sqrt_one_minus_alphas_cumprod_t = get_index_from_list(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+    return (x_t - sqrt_alphas_cumprod_t * x0) / sqrt_one_minus_alphas_cumprod_t
+
+
+def predict_x0_from_noise(x_t, t, noise, schedule):
+    """Return the x0 that a noise estimate implies: the forward process solved for x0.
+
+    x0 = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)      (Ho et al., eq. 15)
+    """
+    sqrt_alphas_cumprod_t = get_index_from_list(schedule.sqrt_alphas_cumprod, t, x_t.shape)
+    sqrt_one_minus_alphas_cumprod_t = get_index_from_list(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+    return (x_t - sqrt_one_minus_alphas_cumprod_t * noise) / sqrt_alphas_cumprod_t
+
+
+# ----------------------------------------------------------------------------- posterior
+
+
+def posterior_mean(x_t, t, x0, schedule):
+    """Return the mean of the forward-process posterior q(x_{t-1} | x_t, x0).
+
+    mu_tilde = betas_t * sqrt(abar_{t-1}) / (1 - abar_t) * x0
+             + (1 - abar_{t-1}) * sqrt(alpha_t) / (1 - abar_t) * x_t          (Ho et al., eq. 7)
+    Its variance is schedule.posterior_variance[t] = betas_t * (1 - abar_{t-1}) / (1 - abar_t).
+    """
+    coef1 = get_index_from_list(schedule.posterior_mean_coef1, t, x_t.shape)
+    coef2 = get_index_from_list(schedule.posterior_mean_coef2, t, x_t.shape)
+    return coef1 * x0 + coef2 * x_t
+
+
+# ----------------------------------------------------------------------------- reverse step
+
+
+def reverse_mean(x_t, t, predicted_noise, schedule):
+    """Return the lecture's mean of p_theta(x_{t-1} | x_t) from a noise estimate.
+
+    mean = 1 / sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - abar_t) * eps_theta)   (Ho et al., eq. 11)
+    """
+    betas_t = get_index_from_list(schedule.betas, t, x_t.shape)
+    sqrt_one_minus_alphas_cumprod_t = get_index_from_list(schedule.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+    sqrt_recip_alphas_t = get_index_from_list(schedule.sqrt_recip_alphas, t, x_t.shape)
+    return sqrt_recip_alphas_t * (x_t - betas_t / sqrt_one_minus_alphas_cumprod_t * predicted_noise)
+
+
+def timestep_batch(t, batch_size, device):
+    """Return t as a LongTensor of shape (batch_size,): an int is repeated, a tensor is checked."""
+    if isinstance(t, int):
+        return torch.full((batch_size,), t, dtype=torch.long, device=device)
+    t = torch.as_tensor(t, device=device)
+    if t.shape != (batch_size,):
+        raise ValueError(f"t must be an int or a tensor of shape ({batch_size},), got shape {tuple(t.shape)}")
+    return t.long()
+
+
+@torch.no_grad()
+def sample_timestep(model, x, t, schedule, noise=None, clip_x0=False, generator=None):
+    """Return x_{t-1}: one step of the reverse process from x = x_t (the lecture's sample_timestep).
+
+    eps_theta = model(x_t, t)
+    mean = 1 / sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - abar_t) * eps_theta)
+           or, with clip_x0: mean = mu_tilde(x_t, clamp(x0_hat, -1, 1)),
+              x0_hat = (x_t - sqrt(1 - abar_t) * eps_theta) / sqrt(abar_t)
+    x_{t-1} = mean + sqrt(posterior_variance_t) * z   for t > 0,   z ~ N(0, I)
+    x_{t-1} = mean                                     for t = 0
+    A mask replaces the lecture's `if t == 0`, so a batch may mix timesteps.
+    """
+    t = timestep_batch(t, x.shape[0], x.device)
+    predicted_noise = model(x, t).to(x.dtype)
+    if clip_x0:
+        x0 = predict_x0_from_noise(x, t, predicted_noise, schedule).clamp(-1.0, 1.0)
+        mean = posterior_mean(x, t, x0, schedule)
+    else:
+        mean = reverse_mean(x, t, predicted_noise, schedule)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    nonzero_mask = (t != 0).to(x.dtype).reshape(-1, *((1,) * (x.ndim - 1)))
+    posterior_variance_t = get_index_from_list(schedule.posterior_variance, t, x.shape)
+    return mean + nonzero_mask * torch.sqrt(posterior_variance_t) * noise
+
+
+def frame_steps(timesteps, num_frames):
+    """Return the timesteps after which a frame is kept: num_frames values evenly spaced over T-1 .. 0, 0 last."""
+    if num_frames <= 0:
+        return set()
+    if num_frames == 1:
+        return {0}
+    return {round((timesteps - 1) * (1 - k / (num_frames - 1))) for k in range(num_frames)}
+
+
+@torch.no_grad()
+def sample(model, schedule, shape, generator=None, clip_x0=False, num_frames=0, x_T=None, callback=None):
+    """Return (x0, frames): images drawn by the reverse process from pure noise (Ho et al., Algorithm 2).
+
+    x_T ~ N(0, I);  for t = T-1 .. 0:  x_{t-1} = sample_timestep(model, x_t, t)
+    frames: num_frames snapshots of x_{t-1} from the first step to x_0 (empty when num_frames = 0).
+    callback(step, total), when given, is called after each step (a progress line).
+    The caller chooses model.eval() and any autocast; the schedule must be on x's device.
+    """
+    device = schedule.betas.device
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
+    keep = frame_steps(schedule.timesteps, num_frames)
+    frames = []
+    for step, t in enumerate(reversed(range(schedule.timesteps))):
+        x = sample_timestep(model, x, t, schedule, clip_x0=clip_x0, generator=generator)
+        if t in keep:
+            frames.append(x.clone())
+        if callback is not None:
+            callback(step + 1, schedule.timesteps)
+    return x, frames
+
+
+# ----------------------------------------------------------------------------- DDIM (beyond the lecture)
+
+
+def ddim_timesteps(timesteps, steps):
+    """Return the DDIM sub-sequence tau: `steps` timesteps evenly spaced over 0 .. T-1, increasing, distinct."""
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"DDIM steps must be between 1 and the schedule's {timesteps} timesteps, got {steps}")
+    return torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
+
+
+@torch.no_grad()
+def ddim_step(model, x, t, t_prev, schedule, eta=0.0, noise=None, clip_x0=False, generator=None):
+    """Return x_{t_prev}: one DDIM update from x = x_t to an earlier timestep t_prev (t_prev = -1 means x_0).
+
+    eps = model(x_t, t),  x0_hat = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)
+    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
+    x_prev = sqrt(abar_prev) * x0_hat + sqrt(1 - abar_prev - sigma^2) * eps + sigma * z    (Song et al., eq. 12)
+    with abar_prev = 1 at t_prev = -1. eta = 0 is deterministic; eta = 1 over all T steps is DDPM.
+    """
+    t_batch = timestep_batch(t, x.shape[0], x.device)
+    predicted_noise = model(x, t_batch).to(x.dtype)
+    alphas_cumprod_t = schedule.alphas_cumprod[t].to(x.dtype)
+    alphas_cumprod_prev = schedule.alphas_cumprod[t_prev].to(x.dtype) if t_prev >= 0 else torch.ones_like(alphas_cumprod_t)
+    x0 = predict_x0_from_noise(x, t_batch, predicted_noise, schedule)
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        predicted_noise = (x - torch.sqrt(alphas_cumprod_t) * x0) / torch.sqrt(1 - alphas_cumprod_t)
+    sigma = eta * torch.sqrt((1 - alphas_cumprod_prev) / (1 - alphas_cumprod_t) * (1 - alphas_cumprod_t / alphas_cumprod_prev))
+    direction = torch.sqrt((1 - alphas_cumprod_prev - sigma**2).clamp(min=0)) * predicted_noise
+    x_prev = torch.sqrt(alphas_cumprod_prev) * x0 + direction
+    if eta > 0:
+        if noise is None:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+@torch.no_grad()
+def ddim_sample(model, schedule, shape, steps=50, eta=0.0, generator=None, clip_x0=False, num_frames=0, x_T=None,
+                callback=None):
+    """Return (x0, frames): images drawn with DDIM over `steps` timesteps of the schedule.
+
+    x_T ~ N(0, I);  for tau_i in reversed(tau):  x = ddim_step(x, tau_i, tau_{i-1})   (tau_{-1} = -1)
+    """
+    device = schedule.betas.device
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
+    taus = ddim_timesteps(schedule.timesteps, steps)
+    keep_positions = {round((len(taus) - 1) * k / max(num_frames - 1, 1)) for k in range(num_frames)}
+    frames = []
+    for position, index in enumerate(reversed(range(len(taus)))):
+        t_prev = taus[index - 1] if index > 0 else -1
+        x = ddim_step(model, x, taus[index], t_prev, schedule, eta=eta, clip_x0=clip_x0, generator=generator)
+        if position in keep_positions:
+            frames.append(x.clone())
+        if callback is not None:
+            callback(position + 1, len(taus))
+    return x, frames
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def sample_t(batch_size, timesteps, device, generator=None):
+    """Return t ~ Uniform{0, ..., T-1}, one per image, as a LongTensor of shape (batch_size,)."""
+    return torch.randint(0, timesteps, (batch_size,), generator=generator, device=device)
+
+
+def get_loss(model, x0, schedule, t=None, noise=None, generator=None):
+    """Return L_simple, the lecture's loss: the mean squared error between the added and the predicted noise.
+
+    t ~ Uniform{0..T-1},  eps ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    L_simple = mean ||eps - eps_theta(x_t, t)||^2                  (Ho et al., eq. 14, Algorithm 1)
+    """
+    if t is None:
+        t = sample_t(x0.shape[0], schedule.timesteps, x0.device, generator)
+    x_t, noise = forward_diffusion_sample(
+        x0, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, noise=noise, generator=generator
+    )
+    predicted_noise = model(x_t, t)
+    return F.mse_loss(predicted_noise.float(), noise.float())
