@@ -1,0 +1,169 @@
+"""Generate images from a trained checkpoint: a PNG grid, optionally an .npz and a picture of the denoising.
+
+    python sample.py --checkpoint runs/ddpm/checkpoint.pt --n 64 --out samples.png
+    python sample.py --checkpoint runs/ddpm/checkpoint.pt --n 1000 --npz samples.npz --sampler ddim --steps 50
+
+The configuration (image size, channels, widths, T, schedule) comes from the checkpoint; the EMA weights are used.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+import ddpm
+import images
+import runtime
+
+
+def positive_int(text):
+    """Return text as an int > 0 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def parse_args(argv):
+    """Return the parsed command line; invalid values get an argparse error (exit 2) before any work."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt written by train.py")
+    parser.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
+    parser.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    parser.add_argument("--npz", help="also save the samples as uint8 (N, H, W, C) under key arr_0 in this .npz")
+    parser.add_argument("--frames", type=int, default=0, help="also write OUT-frames.png: K snapshots from x_T to x_0")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per sampling batch (default 128)")
+    parser.add_argument("--clip", action="store_true", help="clip the predicted x0 to [-1, 1] in every step")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
+                        help="ddpm: the lecture's T-step sampler; ddim: deterministic (eta 0) over --steps steps")
+    parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM (default 0)")
+    args = parser.parse_args(argv)
+    if args.frames < 0 or args.frames == 1:
+        parser.error(f"--frames must be 0 or at least 2, got {args.frames}")
+    if args.eta < 0:
+        parser.error(f"--eta must not be negative, got {args.eta}")
+    if not args.out.lower().endswith(".png"):
+        parser.error(f"--out must name a .png file, got {args.out}")
+    try:
+        runtime.resolve_device(args.device)
+    except runtime.ConfigError as error:
+        parser.error(str(error))
+    return args
+
+
+class ProgressLine:
+    """Prints 'sampling: step s/S of batch b/B, images/s' in place on a terminal, and nothing elsewhere."""
+
+    def __init__(self, batches, batch_size):
+        self.batches, self.batch_size, self.batch = batches, batch_size, 0
+        self.enabled = sys.stderr.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, step, total):
+        if self.enabled and (step % 10 == 0 or step == total):
+            elapsed = time.perf_counter() - self.start
+            done = self.batch * total + step
+            rate = done / elapsed * self.batch_size / total if elapsed > 0 else 0.0
+            print(f"\rsampling: step {step}/{total} of batch {self.batch + 1}/{self.batches}  {rate:.1f} images/s",
+                  end="", file=sys.stderr, flush=True)
+
+
+def generate(model, schedule, config, args, device, precision, progress=None):
+    """Return (samples, frames): args.n images in [-1, 1] (N, C, H, W) on the CPU, drawn in batches.
+
+    Batch b uses a generator seeded with (seed, b), so a given --seed and --batch-size always give the same images.
+    frames: for the first batch only, the snapshots of up to 8 samples from x_T to x_0.
+    """
+    samples, frames = [], []
+    for batch_index, start in enumerate(range(0, args.n, args.batch_size)):
+        count = min(args.batch_size, args.n - start)
+        shape = (count, config["channels"], config["img_size"], config["img_size"])
+        generator = torch.Generator(device=device).manual_seed(
+            int(np.random.SeedSequence([args.seed, batch_index]).generate_state(1)[0]))
+        num_frames = args.frames if batch_index == 0 else 0
+        if progress is not None:
+            progress.batch = batch_index
+        with runtime.autocast(device, precision):
+            if args.sampler == "ddim":
+                batch, batch_frames = ddpm.ddim_sample(model, schedule, shape, steps=args.steps, eta=args.eta,
+                                                       generator=generator, clip_x0=args.clip, num_frames=num_frames,
+                                                       callback=progress)
+            else:
+                batch, batch_frames = ddpm.sample(model, schedule, shape, generator=generator, clip_x0=args.clip,
+                                                  num_frames=num_frames, callback=progress)
+        samples.append(batch.float().cpu())
+        frames = frames or [frame[:8].float().cpu() for frame in batch_frames]
+    return torch.cat(samples), frames
+
+
+def frames_grid(frames):
+    """Return a uint8 grid with one row per sample and one column per snapshot, x_T at the left, x_0 at the right."""
+    stacked = torch.stack(frames, dim=1)  # (samples, K, C, H, W)
+    return images.make_grid(images.to_uint8(stacked.flatten(0, 1)), nrow=len(frames))
+
+
+def save_npz(path, samples_uint8):
+    """Write samples as uint8 (N, H, W, C) under key 'arr_0' (the layout evaluation tools read), atomically."""
+    temporary = path + ".tmp.npz"
+    np.savez(temporary, arr_0=samples_uint8)
+    os.replace(temporary, path)
+
+
+def run(args):
+    """Sample as the arguments ask and write the outputs; return the exit code."""
+    device = runtime.resolve_device(args.device)
+    precision = runtime.resolve_precision(args.precision, device)
+    checkpoint = runtime.load_checkpoint(args.checkpoint)
+    config = checkpoint["config"]
+    if args.sampler == "ddim" and args.steps > config["timesteps"]:
+        raise runtime.ConfigError(f"--steps {args.steps} is more than the checkpoint's {config['timesteps']} timesteps")
+    model = runtime.model_from_checkpoint(checkpoint, device, precision)
+    schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device)
+    batches = math.ceil(args.n / args.batch_size)
+    start = time.perf_counter()
+    samples, frames = generate(model, schedule, config, args, device, precision, ProgressLine(batches, args.batch_size))
+    elapsed = time.perf_counter() - start
+    samples_uint8 = images.to_uint8(samples)
+    for path in (args.out, args.npz):
+        if path and os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+    images.write_png(args.out, images.make_grid(samples_uint8, nrow=math.ceil(math.sqrt(args.n))))
+    written = [args.out]
+    if args.npz:
+        save_npz(args.npz, samples_uint8)
+        written.append(args.npz)
+    if frames:
+        frames_path = args.out[:-4] + "-frames.png"
+        images.write_png(frames_path, frames_grid(frames))
+        written.append(frames_path)
+    steps = args.steps if args.sampler == "ddim" else config["timesteps"]
+    print(f"\n{args.n} samples ({args.sampler}, {steps} steps, {precision} on {device}) in {elapsed:.1f} s "
+          f"({args.n / elapsed:.1f} images/s): wrote {', '.join(written)}")
+    return 0
+
+
+def main(argv=None):
+    """Parse arguments, sample, and turn expected failures into one line on stderr and a non-zero exit code."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (runtime.CheckpointError, runtime.ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nerror: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
