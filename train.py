@@ -26,6 +26,7 @@ import data
 import ddpm
 import images
 import runtime
+import unet
 
 # The lecture's configuration; a preset or an explicit flag overrides any of these.
 DEFAULTS = dict(
@@ -149,8 +150,12 @@ def config_problem(config):
     if config["img_size"] % factor:
         return (f"--img-size {config['img_size']} is not divisible by {factor} = 2**(levels-1) for widths "
                 f"{','.join(map(str, config['widths']))}; use a multiple of {factor}")
-    if any(width % min(8, width) for width in config["widths"]):
-        return "every width must be divisible by 8 (GroupNorm groups), or be at most 8"
+    if min(config["widths"]) < 2:
+        return "every width must be at least 2 (GroupNorm needs two channels per group)"
+    try:
+        unet.group_norm_groups(tuple(config["widths"]), groups=8)
+    except ValueError as error:
+        return f"--widths: {error}"
     return None
 
 
@@ -368,13 +373,22 @@ def write_loss_log(path, losses, steps_per_epoch):
     os.replace(temporary, path)
 
 
+GRID_DDIM_STEPS = 50
+
+
 def sample_grid(ema_model, schedule, config, device, precision, path):
-    """Write a PNG grid of config['grid_samples'] samples from the EMA weights (seeded: comparable across epochs)."""
+    """Write a PNG grid of config['grid_samples'] samples from the EMA weights after an epoch.
+
+    The grid uses deterministic DDIM over 50 steps from the same seeded x_T every epoch: twelve times cheaper than
+    the 600-step sampler (sample.py's default), and the same noise maps to each epoch's digits, so the grids show
+    how the model changes. sample.py gives the lecture's DDPM samples.
+    """
     shape = (config["grid_samples"], config["channels"], config["img_size"], config["img_size"])
-    generator = torch.Generator(device=device).manual_seed(config["seed"])
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(config["seed"])).to(device)
     ema_model.eval()
     with runtime.autocast(device, precision):
-        samples, _ = ddpm.sample(ema_model, schedule, shape, generator=generator)
+        samples, _ = ddpm.ddim_sample(ema_model, schedule, shape, steps=min(GRID_DDIM_STEPS, schedule.timesteps),
+                                      x_T=x_T.contiguous(memory_format=runtime.memory_format(precision)))
     grid = images.make_grid(images.to_uint8(samples.float().cpu()), nrow=math.ceil(math.sqrt(shape[0])))
     images.write_png(path, grid)
 
@@ -397,6 +411,9 @@ class StopRequest:
 def prepare_output(args, checkpoint_path):
     """Create --out; refuse to start afresh over an existing checkpoint unless --force, or to resume without one."""
     os.makedirs(args.out, exist_ok=True)
+    for name in os.listdir(args.out):  # left behind by a run killed while it wrote a checkpoint
+        if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+            os.unlink(os.path.join(args.out, name))
     exists = os.path.exists(checkpoint_path)
     if args.resume and not exists:
         raise runtime.CheckpointError(f"--resume: no checkpoint at {checkpoint_path}; start without --resume")

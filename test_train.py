@@ -1,0 +1,135 @@
+"""train.py and sample.py end to end on tiny configurations: checkpoints, grids, logs, resume, PNG and .npz output."""
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import images
+import runtime
+import sample
+import train
+from test_data import cifar_archive_members, cifar_batch, write_cifar_archive
+
+# A configuration that trains in about a second: 48 MNIST digits at 16x16, batch 8 (6 steps an epoch).
+TINY = ["--widths", "8,16", "--img-size", "16", "--timesteps", "20", "--max-images", "48", "--batch-size", "8",
+        "--grid-samples", "4", "--device", "cpu"]
+
+
+def run_train(out, *extra):
+    """Return train.main's exit code for the tiny configuration writing to out."""
+    return train.main([*TINY, "--out", str(out), *extra])
+
+
+def read_losses(out):
+    """Return the rows of out/loss.csv as (step, epoch, loss) tuples."""
+    with open(out / "loss.csv") as stream:
+        return [(int(row["step"]), int(row["epoch"]), float(row["loss"])) for row in csv.DictReader(stream)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny run of 2 epochs: its output folder."""
+    out = tmp_path_factory.mktemp("run")
+    assert run_train(out, "--epochs", "2") == 0
+    return out
+
+
+def test_training_writes_checkpoint_grids_and_loss_log(trained_run):
+    """After 2 epochs of 6 steps: a checkpoint at step 12, a decodable grid per epoch, a loss row per step."""
+    checkpoint = runtime.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["step"]) == (2, 0, 12)
+    assert checkpoint["config"]["widths"] == [8, 16] and checkpoint["ema"] is not None
+    for epoch in (1, 2):
+        grid = images.decode_png((trained_run / f"samples_epoch_{epoch:03d}.png").read_bytes())
+        assert grid.shape == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # 2x2 cells of 16 px, 2 px padding
+    losses = read_losses(trained_run)
+    assert [step for step, _, _ in losses] == list(range(12))
+    assert [epoch for _, epoch, _ in losses] == [0] * 6 + [1] * 6
+    assert all(math.isfinite(loss) for _, _, loss in losses)
+    assert losses == [(step, step // 6, loss) for step, loss in enumerate(checkpoint["losses"])]
+
+
+def test_training_reduces_the_loss(tmp_path):
+    """Five epochs of the tiny model bring the mean loss of the last epoch below that of the first."""
+    assert run_train(tmp_path, "--epochs", "5", "--grid-samples", "0", "--lr", "0.003") == 0
+    losses = read_losses(tmp_path)
+    first = np.mean([loss for _, epoch, loss in losses if epoch == 0])
+    last = np.mean([loss for _, epoch, loss in losses if epoch == 4])
+    assert last < 0.8 * first
+
+
+def test_resume_continues_from_the_checkpoint(trained_run, tmp_path, capsys):
+    """--resume --epochs 3 continues at epoch 3, step 12, and ends at step 18."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes((trained_run / "checkpoint.pt").read_bytes())
+    assert run_train(out, "--resume", "--epochs", "3") == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert runtime.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 18
+
+
+def test_preset_values_are_overridden_by_explicit_flags():
+    """--preset quick sets its widths and epochs; an explicit --epochs wins over the preset; the rest are the lecture's."""
+    config, _ = train.parse_config(["--preset", "quick", "--epochs", "3"])
+    assert config["epochs"] == 3
+    assert config["widths"] == train.PRESETS["quick"]["widths"]
+    assert config["timesteps"] == 600 and config["img_size"] == 32 and config["lr"] == 1e-3
+    lecture, _ = train.parse_config([])
+    assert (lecture["epochs"], lecture["batch_size"], lecture["lr"], lecture["timesteps"], lecture["img_size"]) == (
+        25, 128, 1e-3, 600, 32)
+    assert lecture["widths"] == [64, 128, 256]
+
+
+def test_sample_writes_png_grid_and_npz_that_agree(trained_run, tmp_path):
+    """sample.py writes a PNG that decodes to the grid of the .npz's uint8 (N, H, W, C) samples, and a frames PNG."""
+    out, npz = tmp_path / "s.png", tmp_path / "s.npz"
+    code = sample.main(["--checkpoint", str(trained_run / "checkpoint.pt"), "--n", "5", "--batch-size", "2",
+                        "--out", str(out), "--npz", str(npz), "--frames", "3", "--device", "cpu"])
+    assert code == 0
+    png = out.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = np.load(npz)["arr_0"]
+    assert samples.shape == (5, 16, 16, 1) and samples.dtype == np.uint8
+    grid = images.decode_png(png)
+    np.testing.assert_array_equal(grid, images.make_grid(samples, nrow=3)[..., 0])
+    frames = images.decode_png((tmp_path / "s-frames.png").read_bytes())
+    assert frames.shape == (2 * 16 + 3 * 2, 3 * 16 + 4 * 2)  # 2 samples (first batch) x 3 snapshots
+
+
+def test_sample_is_reproducible_for_a_seed_and_differs_across_seeds(trained_run, tmp_path):
+    """The same --seed gives the same images; another seed gives others (DDIM and DDPM)."""
+    def draw(seed, sampler):
+        path = tmp_path / f"{sampler}{seed}.npz"
+        assert sample.main(["--checkpoint", str(trained_run / "checkpoint.pt"), "--n", "3", "--seed", str(seed),
+                            "--sampler", sampler, "--steps", "5", "--out", str(tmp_path / "x.png"),
+                            "--npz", str(path), "--device", "cpu"]) == 0
+        return np.load(path)["arr_0"]
+
+    for sampler in ("ddpm", "ddim"):
+        np.testing.assert_array_equal(draw(1, sampler), draw(1, sampler))
+        assert not np.array_equal(draw(1, sampler), draw(2, sampler))
+
+
+def test_cifar10_trains_in_colour_end_to_end(tmp_path):
+    """--dataset cifar10 on a tiny archive in the real format trains a 3-channel model and writes RGB grids."""
+    rng = np.random.default_rng(0)
+    write_cifar_archive(tmp_path / data.CIFAR10_FILE, cifar_archive_members([cifar_batch(rng, 8) for _ in range(5)]))
+    out = tmp_path / "run"
+    code = train.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--widths", "8,16", "--img-size", "16",
+                       "--timesteps", "10", "--batch-size", "8", "--epochs", "1", "--grid-samples", "4",
+                       "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    checkpoint = runtime.load_checkpoint(str(out / "checkpoint.pt"))
+    assert checkpoint["config"]["channels"] == 3 and checkpoint["step"] == 5
+    grid = images.decode_png((out / "samples_epoch_001.png").read_bytes())
+    assert grid.shape == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2, 3)
+
+
+def test_precision_auto_follows_the_hardware():
+    """auto is bf16 exactly when the CPU has native bf16; explicit choices are kept."""
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("auto", cpu) == ("bf16" if runtime.cpu_has_native_bf16() else "fp32")
+    assert runtime.resolve_precision("fp32", cpu) == "fp32"
