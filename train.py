@@ -448,7 +448,13 @@ def train(config, args):
     random.seed(config["seed"])
     np.random.seed(config["seed"])
 
+    # The other ranks read the data only after rank 0's --download has finished: else they could read the bundled
+    # test split (or half-written files) while rank 0 trains on the downloaded training split.
+    if world_size > 1 and not is_main:
+        dist.barrier()
     dataset = load_training_images(config, args.data_dir, args.download and is_main, log).to(device)
+    if world_size > 1 and is_main:
+        dist.barrier()
     steps_per_epoch = len(dataset) // (config["batch_size"] * world_size)
     if steps_per_epoch == 0:
         raise runtime.ConfigError(
@@ -471,9 +477,10 @@ def train(config, args):
         log(f"resumed from {checkpoint_path} at epoch {epoch + 1}, step {step}")
         del checkpoint
     parameters = sum(p.numel() for p in model.parameters())
+    batch = f"{config['batch_size']} x {world_size}" if world_size > 1 else f"{config['batch_size']}"
     log(f"model: SimpleUnet widths {config['widths']} x {config['blocks_per_level']} block(s), {parameters / 1e6:.2f}M "
-        f"parameters | device {device} | precision {precision} | {world_size} process(es) | batch "
-        f"{config['batch_size']} x {world_size} | {steps_per_epoch} steps/epoch, {config['epochs']} epochs")
+        f"parameters | device {device} | precision {precision} | {world_size} process(es) | batch {batch} | "
+        f"{steps_per_epoch} steps/epoch, {config['epochs']} epochs")
     if epoch >= config["epochs"]:
         log(f"{checkpoint_path} has already trained {epoch} epochs; pass --epochs N with N > {epoch} to train further")
         return 0
