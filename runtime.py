@@ -8,7 +8,6 @@ import contextlib
 import os
 import pickle
 import tempfile
-import zipfile
 
 import torch
 
@@ -124,7 +123,7 @@ def load_checkpoint(path, map_location="cpu"):
             f"{path} was refused: it holds objects other than tensors and plain data, which could run code "
             f"({reason[:160]}); load only checkpoints written by train.py"
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # torch.load reports damage as many types: truncated zip, bad magic, broken pickle
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(error).splitlines()[0][:120]}); "
                               "use another checkpoint or train again") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:

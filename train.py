@@ -56,7 +56,9 @@ PRESETS = {
 
 # Keys that define the model and the data: a resumed run must agree with its checkpoint on these.
 FIXED_ON_RESUME = ("dataset", "img_size", "channels", "widths", "blocks_per_level", "time_emb_dim", "timesteps",
-                   "schedule", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay", "seed", "max_images")
+                   "schedule", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay", "seed", "max_images",
+                   "world_size")
+DERIVED_KEYS = ("channels", "world_size")  # set by the dataset and the launch, not by a flag of their own
 DATASET_CHANNELS = {"mnist": 1, "cifar10": 3}
 LOG_EVERY = 10  # steps between reading losses back from the device (each read is a host sync)
 
@@ -289,11 +291,11 @@ def check_resume_config(checkpoint_config, config, explicit, path):
     A flag that asks for another model, data or optimisation than the checkpoint's is an error.
     """
     for key in FIXED_ON_RESUME:
-        requested = config[key] if key == "channels" else explicit.get(key, checkpoint_config[key])
+        requested = config[key] if key in DERIVED_KEYS else explicit.get(key, checkpoint_config[key])
         if requested != checkpoint_config[key]:
             raise runtime.CheckpointError(
                 f"{path} was trained with {key}={checkpoint_config[key]}, but this run asks for {key}={requested}: "
-                f"drop that flag to resume, or start a new run in another --out"
+                "resume with the run's own settings and number of processes, or start a new run in another --out"
             )
     return {**checkpoint_config, "epochs": explicit.get("epochs", checkpoint_config["epochs"])}
 
@@ -435,10 +437,17 @@ def train(config, args):
             print(message, flush=True)
 
     checkpoint_path = os.path.join(args.out, "checkpoint.pt")
+    problem = None
     if is_main:
-        prepare_output(args, checkpoint_path)
-    if world_size > 1:
-        dist.barrier()
+        try:
+            prepare_output(args, checkpoint_path)
+        except runtime.CheckpointError as error:
+            problem = error
+    if all_ranks_agree(problem is not None, world_size, device):  # every rank stops, only rank 0 says why
+        if problem is not None:
+            raise problem
+        return 1
+    config = {**config, "world_size": world_size}
     checkpoint = None
     if args.resume:
         checkpoint = runtime.load_checkpoint(checkpoint_path)
@@ -543,7 +552,7 @@ def train(config, args):
                         return 1
                     save(epoch, step_in_epoch)
                     log(f"\ninterrupted at step {step} (epoch {epoch + 1}): checkpoint saved to {checkpoint_path}; "
-                        f"continue with: python train.py --resume --out {args.out}")
+                        "continue with the same command plus --resume")
                     return 130
             progress.update(epoch, config["epochs"], step, losses[-1], final=True)
             epoch, step_in_epoch = epoch + 1, 0
@@ -566,7 +575,8 @@ def main(argv=None):
     try:
         return train(config, args)
     except (data.DataError, runtime.CheckpointError, runtime.ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if distributed_context()[0] == 0:  # under torchrun every rank meets the same error: say it once
+            print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nerror: interrupted; stopped without saving (the last checkpoint, if any, is unchanged)", file=sys.stderr)
