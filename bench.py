@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
 import runtime
+import sample
 import train
 import unet
 
@@ -62,17 +63,6 @@ TINY_MATMUL_SIZE = 256
 # ----------------------------------------------------------------------------- configuration
 
 
-def positive_int(text):
-    """Return text as an int > 0 (an argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def parse_args(argv):
     """Return the parsed command line; an absent device gets an argparse error (exit 2) before any work."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
@@ -81,7 +71,7 @@ def parse_args(argv):
     size.add_argument("--quick", action="store_true", help="fewer repeats and sampler steps: about a minute on 2 quiet cores")
     size.add_argument("--tiny", action="store_true", help="a seconds-long run with a tiny model (the smoke test)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--batch-size", type=positive_int,
+    parser.add_argument("--batch-size", type=sample.positive_int,
                         help="training and sampling batch; default: each model's train.py batch (128 for the "
                              f"lecture's, 64 for the quick preset's) and {SAMPLING_BATCH} for sampling")
     args = parser.parse_args(argv)

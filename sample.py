@@ -127,6 +127,10 @@ def run(args):
     config = checkpoint["config"]
     if args.sampler == "ddim" and args.steps > config["timesteps"]:
         raise runtime.ConfigError(f"--steps {args.steps} is more than the checkpoint's {config['timesteps']} timesteps")
+    if config["schedule"] == "cosine" and not args.clip:
+        print("warning: this checkpoint uses the cosine schedule, whose last beta is clipped at 0.999: its first reverse "
+              "step multiplies the noise estimate's error by 1/sqrt(alpha) = 32 (more under DDIM); pass --clip",
+              file=sys.stderr)
     model = runtime.model_from_checkpoint(checkpoint, device, precision)
     schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device)
     batches = math.ceil(args.n / args.batch_size)
