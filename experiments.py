@@ -188,8 +188,7 @@ def batch_generator(seed, batch_index, device):
 
     Same seeds, same x_T: the z = 0 rows start from the noise that the DDPM and DDIM rows start from.
     """
-    return torch.Generator(device=device).manual_seed(
-        int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0]))
+    return runtime.seeded_generator(seed, batch_index, device=device)
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import os
 import pickle
 import tempfile
 
+import numpy as np
 import torch
 
 import unet
@@ -44,6 +45,16 @@ def resolve_device(name, local_rank=0):
     if name not in kinds:
         raise ConfigError(f"--device {name}: no such device is visible on this machine; use --device auto or cpu")
     return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+def seeded_generator(*keys, device="cpu"):
+    """Return a torch.Generator on device whose seed is mixed from the integer keys (numpy's SeedSequence).
+
+    Used wherever a draw must depend only on (seed, epoch), (seed, rank, step) or (seed, batch): the same keys give
+    the same numbers in any process, before or after a resume.
+    """
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def cpu_has_native_bf16():

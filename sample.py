@@ -88,8 +88,7 @@ def generate(model, schedule, config, args, device, precision, progress=None):
     for batch_index, start in enumerate(range(0, args.n, args.batch_size)):
         count = min(args.batch_size, args.n - start)
         shape = (count, config["channels"], config["img_size"], config["img_size"])
-        generator = torch.Generator(device=device).manual_seed(
-            int(np.random.SeedSequence([args.seed, batch_index]).generate_state(1)[0]))
+        generator = runtime.seeded_generator(args.seed, batch_index, device=device)
         num_frames = args.frames if batch_index == 0 else 0
         if progress is not None:
             progress.batch = batch_index

@@ -187,8 +187,7 @@ def load_training_images(config, data_dir, download, log):
 
 def epoch_permutation(num_images, seed, epoch):
     """Return the image order of an epoch: a permutation drawn from a generator seeded by (seed, epoch)."""
-    generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-    return torch.randperm(num_images, generator=generator)
+    return torch.randperm(num_images, generator=runtime.seeded_generator(seed, epoch))
 
 
 def step_generator(seed, rank, step, device):
@@ -196,9 +195,7 @@ def step_generator(seed, rank, step, device):
 
     Seeded from (seed, rank, step) alone, so a resumed run draws exactly what an uninterrupted one would.
     """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
-    return generator
+    return runtime.seeded_generator(seed, rank, step, device=device)
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -504,6 +501,12 @@ def train(config, args):
                 config, model, ema_model, optimizer, epoch_to_save, step_in_epoch_to_save, step, losses))
             write_loss_log(os.path.join(args.out, "loss.csv"), losses, steps_per_epoch)
 
+    def interrupted(epoch_number):
+        """Say where the run stopped (its checkpoint is saved) and return the exit code of a Ctrl-C."""
+        log(f"\ninterrupted at step {step} (epoch {epoch_number}): checkpoint saved to {checkpoint_path}; "
+            "continue with the same command plus --resume")
+        return 130
+
     stop = StopRequest()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(is_main, config["epochs"] * steps_per_epoch, config["batch_size"] * world_size, step)
@@ -547,21 +550,22 @@ def train(config, args):
                         return 1
                     if losses:
                         progress.update(epoch, config["epochs"], step, losses[-1])
-                if all_ranks_agree(stop.signal_name is not None, world_size, device):
+                # At an epoch's last step the stop waits for the epoch's own grid and checkpoint (below).
+                if step_in_epoch < steps_per_epoch and all_ranks_agree(stop.signal_name is not None, world_size, device):
                     if flush_losses() is not None:
                         log(f"\nerror: the loss became non-finite before step {step}; not saving. "
                             f"The last good checkpoint stays in {checkpoint_path}")
                         return 1
                     save(epoch, step_in_epoch)
-                    log(f"\ninterrupted at step {step} (epoch {epoch + 1}): checkpoint saved to {checkpoint_path}; "
-                        "continue with the same command plus --resume")
-                    return 130
+                    return interrupted(epoch + 1)
             progress.update(epoch, config["epochs"], step, losses[-1], final=True)
             epoch, step_in_epoch = epoch + 1, 0
             if is_main and config["grid_samples"]:
                 sample_grid(ema_model if ema_model is not None else model, schedule, config, device, precision,
                             os.path.join(args.out, f"samples_epoch_{epoch:03d}.png"))
             save(epoch, 0)
+            if epoch < config["epochs"] and all_ranks_agree(stop.signal_name is not None, world_size, device):
+                return interrupted(epoch)
         log(f"done: {config['epochs']} epochs, {step} steps; checkpoint in {checkpoint_path}")
         return 0
     finally:
