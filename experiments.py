@@ -348,11 +348,8 @@ def row_of_samples(samples, count=GRID_ROW_SAMPLES):
 
 
 def write_json(path, value):
-    """Write value as indented JSON to path atomically (a temporary file renamed over it)."""
-    temporary = path + ".tmp"
-    with open(temporary, "w") as stream:
-        json.dump(value, stream, indent=1)
-    os.replace(temporary, path)
+    """Write value as indented JSON to path atomically (runtime.write_atomically)."""
+    runtime.write_atomically(path, lambda stream: stream.write(json.dumps(value, indent=1).encode()))
 
 
 def summary(results):

@@ -100,13 +100,17 @@ def build_model(config):
     )
 
 
-def save_checkpoint(path, checkpoint):
-    """Write checkpoint to path atomically: a temporary file in the same folder, fsync, then rename over path."""
+def write_atomically(path, write):
+    """Write a file through write(binary_stream): into a temporary file in path's folder, fsynced, then renamed over path.
+
+    A kill at any moment leaves either the old file or the new one under path, never a part of either; the temporary
+    file is named '.<name>-XXXX.tmp', so a later run can remove one that a kill left behind.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(checkpoint, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)
@@ -120,6 +124,11 @@ def save_checkpoint(path, checkpoint):
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+def save_checkpoint(path, checkpoint):
+    """Write checkpoint to path atomically (write_atomically): the last good checkpoint survives any kill."""
+    write_atomically(path, lambda stream: torch.save(checkpoint, stream))
 
 
 def load_checkpoint(path, map_location="cpu"):

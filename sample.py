@@ -113,9 +113,7 @@ def frames_grid(frames):
 
 def save_npz(path, samples_uint8):
     """Write samples as uint8 (N, H, W, C) under key 'arr_0' (the layout evaluation tools read), atomically."""
-    temporary = path + ".tmp.npz"
-    np.savez(temporary, arr_0=samples_uint8)
-    os.replace(temporary, path)
+    runtime.write_atomically(path, lambda stream: np.savez(stream, arr_0=samples_uint8))
 
 
 def run(args):

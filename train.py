@@ -366,10 +366,7 @@ def format_duration(seconds):
 def write_loss_log(path, losses, steps_per_epoch):
     """Write loss.csv: one row per step, 'step,epoch,loss', the loss as Python's exact repr (atomic)."""
     rows = ["step,epoch,loss"] + [f"{step},{step // steps_per_epoch},{loss!r}" for step, loss in enumerate(losses)]
-    temporary = path + ".tmp"
-    with open(temporary, "w") as stream:
-        stream.write("\n".join(rows) + "\n")
-    os.replace(temporary, path)
+    runtime.write_atomically(path, lambda stream: stream.write(("\n".join(rows) + "\n").encode()))
 
 
 GRID_DDIM_STEPS = 50
@@ -412,8 +409,8 @@ class StopRequest:
 def prepare_output(args, checkpoint_path):
     """Create --out; refuse to start afresh over an existing checkpoint unless --force, or to resume without one."""
     os.makedirs(args.out, exist_ok=True)
-    for name in os.listdir(args.out):  # left behind by a run killed while it wrote a checkpoint
-        if name.startswith(".checkpoint-") and name.endswith(".tmp"):
+    for name in os.listdir(args.out):  # left behind by a run killed while it wrote a checkpoint or the loss log
+        if name.startswith(".") and name.endswith(".tmp"):
             os.unlink(os.path.join(args.out, name))
     exists = os.path.exists(checkpoint_path)
     if args.resume and not exists:
