@@ -15,19 +15,9 @@ import numpy as np
 import torch
 
 import ddpm
-import images
-import runtime
-
-
-def positive_int(text):
-    """Return text as an int > 0 (an argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+from support import checkpoints, files, images, runtime
+from support.progress import Progress
+from support.arguments import positive_int
 
 
 def parse_args(argv):
@@ -42,7 +32,8 @@ def parse_args(argv):
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
     parser.add_argument("--batch-size", type=positive_int, default=128, help="images per sampling batch (default 128)")
-    parser.add_argument("--clip", action="store_true", help="clip the predicted x0 to [-1, 1] in every step")
+    parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip the predicted x0 to [-1, 1] in every step (default: only under the cosine schedule)")
     parser.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                         help="ddpm: the lecture's T-step sampler; ddim: deterministic (eta 0) over --steps steps")
     parser.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
@@ -61,21 +52,16 @@ def parse_args(argv):
     return args
 
 
-class ProgressLine:
-    """Prints 'sampling: step s/S of batch b/B, images/s' in place on a terminal, and nothing elsewhere."""
+class SamplingProgress(Progress):
+    """The progress line of a sampling run (on stderr): 'sampling: step s/S of batch b/B', images/s, time left."""
 
-    def __init__(self, batches, batch_size):
-        self.batches, self.batch_size, self.batch = batches, batch_size, 0
-        self.enabled = sys.stderr.isatty()
-        self.start = time.perf_counter()
+    def __init__(self, batches, batch_size, steps):
+        super().__init__(batches * steps, unit="images/s", scale=batch_size / steps, stream=sys.stderr)
+        self.batches, self.steps, self.batch = batches, steps, 0
 
     def __call__(self, step, total):
-        if self.enabled and (step % 10 == 0 or step == total):
-            elapsed = time.perf_counter() - self.start
-            done = self.batch * total + step
-            rate = done / elapsed * self.batch_size / total if elapsed > 0 else 0.0
-            print(f"\rsampling: step {step}/{total} of batch {self.batch + 1}/{self.batches}  {rate:.1f} images/s",
-                  end="", file=sys.stderr, flush=True)
+        self.update(self.batch * total + step, f"sampling: step {step}/{total} of batch {self.batch + 1}/{self.batches}",
+                    final=step == total and self.batch + 1 == self.batches)
 
 
 def generate(model, schedule, config, args, device, precision, progress=None):
@@ -105,6 +91,26 @@ def generate(model, schedule, config, args, device, precision, progress=None):
     return torch.cat(samples), frames
 
 
+PREVIEW_STEPS = 50
+
+
+def preview_grid(model, schedule, config, device, precision, steps=PREVIEW_STEPS):
+    """Return a uint8 grid of config['grid_samples'] samples: train.py's picture of the model after each epoch.
+
+    Deterministic DDIM over 50 steps from the same seeded x_T every epoch: twelve times cheaper than the 600-step
+    sampler, and the same noise maps to each epoch's digits, so the grids show how the model changes. x0 is
+    clipped where the schedule asks for it (runtime.clip_x0_by_default).
+    """
+    shape = (config["grid_samples"], config["channels"], config["img_size"], config["img_size"])
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(config["seed"])).to(device)
+    model.eval()
+    with runtime.autocast(device, precision):
+        samples, _ = ddpm.ddim_sample(model, schedule, shape, steps=min(steps, schedule.timesteps),
+                                      x_T=x_T.contiguous(memory_format=runtime.memory_format(precision)),
+                                      clip_x0=runtime.clip_x0_by_default(config["schedule"]))
+    return images.make_grid(images.to_uint8(samples.float().cpu()), nrow=math.ceil(math.sqrt(shape[0])))
+
+
 def frames_grid(frames):
     """Return a uint8 grid with one row per sample and one column per snapshot, x_T at the left, x_0 at the right."""
     stacked = torch.stack(frames, dim=1)  # (samples, K, C, H, W)
@@ -113,26 +119,29 @@ def frames_grid(frames):
 
 def save_npz(path, samples_uint8):
     """Write samples as uint8 (N, H, W, C) under key 'arr_0' (the layout evaluation tools read), atomically."""
-    runtime.write_atomically(path, lambda stream: np.savez(stream, arr_0=samples_uint8))
+    files.write_atomically(path, lambda stream: np.savez(stream, arr_0=samples_uint8))
 
 
 def run(args):
     """Sample as the arguments ask and write the outputs; return the exit code."""
     device = runtime.resolve_device(args.device)
     precision = runtime.resolve_precision(args.precision, device)
-    checkpoint = runtime.load_checkpoint(args.checkpoint)
+    checkpoint = checkpoints.load_checkpoint(args.checkpoint)
     config = checkpoint["config"]
     if args.sampler == "ddim" and args.steps > config["timesteps"]:
         raise runtime.ConfigError(f"--steps {args.steps} is more than the checkpoint's {config['timesteps']} timesteps")
-    if config["schedule"] == "cosine" and not args.clip:
+    if args.clip is None:
+        args.clip = runtime.clip_x0_by_default(config["schedule"])
+    elif runtime.clip_x0_by_default(config["schedule"]) and not args.clip:
         print("warning: this checkpoint uses the cosine schedule, whose last beta is clipped at 0.999: its first reverse "
-              "step multiplies the noise estimate's error by 1/sqrt(alpha) = 32 (more under DDIM); pass --clip",
+              "step multiplies the noise estimate's error by 1/sqrt(alpha) = 32 (more under DDIM); drop --no-clip",
               file=sys.stderr)
-    model = runtime.model_from_checkpoint(checkpoint, device, precision)
+    model = checkpoints.model_from_checkpoint(checkpoint, device, precision)
     schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device)
-    batches = math.ceil(args.n / args.batch_size)
+    steps = args.steps if args.sampler == "ddim" else config["timesteps"]
+    progress = SamplingProgress(math.ceil(args.n / args.batch_size), args.batch_size, steps)
     start = time.perf_counter()
-    samples, frames = generate(model, schedule, config, args, device, precision, ProgressLine(batches, args.batch_size))
+    samples, frames = generate(model, schedule, config, args, device, precision, progress)
     elapsed = time.perf_counter() - start
     samples_uint8 = images.to_uint8(samples)
     for path in (args.out, args.npz):
@@ -147,8 +156,7 @@ def run(args):
         frames_path = args.out[:-4] + "-frames.png"
         images.write_png(frames_path, frames_grid(frames))
         written.append(frames_path)
-    steps = args.steps if args.sampler == "ddim" else config["timesteps"]
-    print(f"\n{args.n} samples ({args.sampler}, {steps} steps, {precision} on {device}) in {elapsed:.1f} s "
+    print(f"{args.n} samples ({args.sampler}, {steps} steps, {precision} on {device}) in {elapsed:.1f} s "
           f"({args.n / elapsed:.1f} images/s): wrote {', '.join(written)}")
     return 0
 
@@ -158,7 +166,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (runtime.CheckpointError, runtime.ConfigError) as error:
+    except (checkpoints.CheckpointError, runtime.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,21 +12,18 @@ import argparse
 import copy
 import math
 import os
-import random
 import signal
 import sys
-import time
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-import data
 import ddpm
-import images
-import runtime
+import sample
 import unet
+from support import arguments, checkpoints, data, distributed, images, run_folder, runtime
+from support.progress import Progress
 
 # The lecture's configuration; a preset or an explicit flag overrides any of these.
 DEFAULTS = dict(
@@ -66,17 +63,6 @@ LOG_EVERY = 10  # steps between reading losses back from the device (each read i
 # ----------------------------------------------------------------------------- configuration
 
 
-def parse_widths(text):
-    """Return the U-Net widths from '64,128,256' as a list of positive ints (an argparse type)."""
-    try:
-        widths = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers like 64,128,256, got {text!r}") from None
-    if not widths or min(widths) <= 0:
-        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
-    return widths
-
-
 def build_parser():
     """Return the argument parser; flags left out take the preset's value, else the lecture's default."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,7 +74,7 @@ def build_parser():
     parser.add_argument("--lr", type=float, default=unset, help="Adam learning rate; default 0.001 (the lecture)")
     parser.add_argument("--timesteps", type=int, default=unset, help="T; default 600 (the lecture)")
     parser.add_argument("--img-size", type=int, default=unset, help="default 32 (the lecture; MNIST is zero-padded 28 -> 32)")
-    parser.add_argument("--widths", type=parse_widths, default=unset, help="U-Net channel widths; default 64,128,256")
+    parser.add_argument("--widths", type=arguments.parse_widths, default=unset, help="U-Net channel widths; default 64,128,256")
     parser.add_argument("--blocks-per-level", type=int, default=unset, help="residual blocks per U-Net level; default 1")
     parser.add_argument("--schedule", choices=sorted(ddpm.BETA_SCHEDULES), default=unset, help="beta schedule; default linear")
     parser.add_argument("--warmup-steps", type=int, default=unset, help="linear learning-rate warm-up; default 100")
@@ -118,7 +104,7 @@ def parse_config(argv):
     explicit = {key: value for key, value in vars(args).items() if key in DEFAULTS}
     config = {**DEFAULTS, **PRESETS.get(args.preset, {}), **explicit}
     config["channels"] = DATASET_CHANNELS[config["dataset"]]
-    problem = config_problem(config)
+    problem = arguments.config_problem(config)
     if problem:
         parser.error(problem)
     if args.resume and args.force:
@@ -131,58 +117,7 @@ def parse_config(argv):
     return config, args
 
 
-def config_problem(config):
-    """Return a one-line description of the first invalid value in config, or None."""
-    positive = ("epochs", "batch_size", "lr", "img_size", "blocks_per_level", "time_emb_dim")
-    for key in positive:
-        if not config[key] > 0:
-            return f"--{key.replace('_', '-')} must be positive, got {config[key]}"
-    if not (config["lr"] < 1e3 and math.isfinite(config["lr"])):
-        return f"--lr must be a finite learning rate, got {config['lr']}"
-    if config["timesteps"] < 2:
-        return f"--timesteps must be at least 2, got {config['timesteps']}"
-    if config["time_emb_dim"] % 2:
-        return f"the time embedding size must be even, got {config['time_emb_dim']}"
-    if not 0 <= config["ema_decay"] < 1:
-        return f"--ema-decay must be in [0, 1), got {config['ema_decay']}"
-    for key in ("warmup_steps", "max_images", "grid_samples", "grad_clip"):
-        if config[key] < 0:
-            return f"--{key.replace('_', '-')} must not be negative, got {config[key]}"
-    factor = 2 ** (len(config["widths"]) - 1)
-    if config["img_size"] % factor:
-        return (f"--img-size {config['img_size']} is not divisible by {factor} = 2**(levels-1) for widths "
-                f"{','.join(map(str, config['widths']))}; use a multiple of {factor}")
-    if min(config["widths"]) < 2:
-        return "every width must be at least 2 (GroupNorm needs two channels per group)"
-    try:
-        unet.group_norm_groups(tuple(config["widths"]), groups=8)
-    except ValueError as error:
-        return f"--widths: {error}"
-    return None
-
-
 # ----------------------------------------------------------------------------- data
-
-
-def load_training_images(config, data_dir, download, log):
-    """Return the training images as one float32 tensor (N, C, img_size, img_size) in [-1, 1]."""
-    if config["dataset"] == "cifar10":
-        if download:
-            data.download_cifar10(data_dir)
-        pixels, _ = data.load_cifar10(data_dir)
-        split = "CIFAR-10 training set"
-    else:
-        if download:
-            try:
-                data.download_mnist(data_dir)
-            except data.DataError as error:
-                log(f"warning: {error}")
-        pixels, _ = data.load_mnist(data_dir)
-        split = f"MNIST {data.mnist_files(data_dir)[2]} split"
-    if config["max_images"]:
-        pixels = pixels[: config["max_images"]]
-    log(f"data: {len(pixels)} images from the {split} in {data_dir}/")
-    return data.to_model_tensor(pixels, config["img_size"])
 
 
 def epoch_permutation(num_images, seed, epoch):
@@ -198,200 +133,88 @@ def step_generator(seed, rank, step, device):
     return runtime.seeded_generator(seed, rank, step, device=device)
 
 
-# ----------------------------------------------------------------------------- the training step
+# ----------------------------------------------------------------------------- the training step (Algorithm 1)
 
 
-def learning_rate(config, step):
-    """Return the learning rate at a step: linear warm-up to lr over warmup_steps, then constant (the lecture's lr)."""
-    if config["warmup_steps"] == 0:
-        return config["lr"]
-    return config["lr"] * min(1.0, (step + 1) / config["warmup_steps"])
+def learning_rate(step, lr, warmup_steps):
+    """Return the learning rate at a step: linear warm-up to lr over warmup_steps, then constant (the lecture's lr).
+
+    lr_step = lr * min(1, (step + 1) / warmup_steps)
+    """
+    if warmup_steps == 0:
+        return lr
+    return lr * min(1.0, (step + 1) / warmup_steps)
 
 
-def ema_decay_at(config, step):
+def ema_decay_at(step, ema_decay):
     """Return the EMA decay at a step, warmed up: min(ema_decay, (1 + step) / (10 + step)).
 
     A plain 0.995 EMA of a short run would still be mostly the random initialisation; the warm-up lets the
     average follow the weights early and settle to ema_decay later.
     """
-    return min(config["ema_decay"], (1 + step) / (10 + step))
+    return min(ema_decay, (1 + step) / (10 + step))
 
 
-def train_step(model, optimizer, x0, t, noise, schedule, config, step, device, precision):
-    """Return the loss of one step of Algorithm 1, after the gradient step: loss = MSE(eps, eps_theta(x_t, t))."""
+def train_step(model, optimizer, x0, t, noise, schedule, lr, grad_clip, device, precision):
+    """Return the loss of one step of Algorithm 1: loss = MSE(eps, eps_theta(x_t, t)), then one Adam step at lr.
+
+    Sets every parameter group's learning rate to lr, clips the gradient norm to grad_clip (0 = off), steps.
+    """
     with runtime.autocast(device, precision):
         loss = ddpm.get_loss(model, x0, schedule, t=t, noise=noise)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    if config["grad_clip"]:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
+        group["lr"] = lr
     optimizer.step()
     return loss.detach()
 
 
 @torch.no_grad()
 def update_ema(ema_model, model, decay):
-    """Move every EMA weight toward the model: ema = decay * ema + (1 - decay) * weight."""
-    ema_params = list(ema_model.parameters())
-    torch._foreach_lerp_(ema_params, list(model.parameters()), 1.0 - decay)
-
-
-# ----------------------------------------------------------------------------- checkpoints and RNG states
-
-
-def rng_states():
-    """Return the global RNG states of python, numpy and torch (CPU and CUDA) as checkpoint-safe values."""
-    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": position,
-                  "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_states(states):
-    """Set the global RNG states of python, numpy and torch from rng_states()' values."""
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
-    numpy_state = states["numpy"]
-    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def make_checkpoint(config, model, ema_model, optimizer, epoch, step_in_epoch, step, losses):
-    """Return the checkpoint dict: weights, EMA, optimizer, position (epoch, step), loss log, RNG states, config."""
-    return {
-        "format": runtime.CHECKPOINT_FORMAT,
-        "version": runtime.CHECKPOINT_VERSION,
-        "config": config,
-        "model": model.state_dict(),
-        "ema": ema_model.state_dict() if ema_model is not None else None,
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "step_in_epoch": step_in_epoch,
-        "step": step,
-        "losses": list(losses),
-        "rng": rng_states(),
-    }
-
-
-def check_resume_config(checkpoint_config, config, explicit, path):
-    """Return the configuration to resume with: the checkpoint's, with epochs taken from the request if given.
-
-    A flag that asks for another model, data or optimisation than the checkpoint's is an error.
-    """
-    for key in FIXED_ON_RESUME:
-        requested = config[key] if key in DERIVED_KEYS else explicit.get(key, checkpoint_config[key])
-        if requested != checkpoint_config[key]:
-            raise runtime.CheckpointError(
-                f"{path} was trained with {key}={checkpoint_config[key]}, but this run asks for {key}={requested}: "
-                "resume with the run's own settings and number of processes, or start a new run in another --out"
-            )
-    return {**checkpoint_config, "epochs": explicit.get("epochs", checkpoint_config["epochs"])}
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-def distributed_context():
-    """Return (rank, world_size, local_rank) from torchrun's environment, or (0, 1, 0) for a plain process."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def init_distributed(world_size, device):
-    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when there is more than one process."""
-    if world_size > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-
-def all_ranks_agree(flag, world_size, device):
-    """Return True if flag is True on any rank (a max all-reduce); the flag itself in a single process."""
-    if world_size == 1:
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def mean_over_ranks(values, world_size):
-    """Return the losses averaged over ranks (an all-reduce); the values themselves in a single process."""
-    if world_size > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values = values / world_size
-    return values
-
-
-# ----------------------------------------------------------------------------- progress and outputs
-
-
-class Progress:
-    """A progress line that updates in place on a terminal and prints once per epoch elsewhere."""
-
-    def __init__(self, enabled, total_steps, batch_images, start_step):
-        self.enabled, self.total_steps, self.batch_images = enabled, total_steps, batch_images
-        self.interactive = enabled and sys.stdout.isatty()
-        self.start, self.start_step = time.perf_counter(), start_step
-
-    def update(self, epoch, epochs, step, loss, final=False):
-        """Show epoch, step, loss, images/s and time left; on a non-terminal only when final (end of epoch)."""
-        if not self.enabled or not (self.interactive or final):
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = (step - self.start_step) / elapsed if elapsed > 0 else 0.0
-        left = (self.total_steps - step) / rate if rate > 0 else float("nan")
-        line = (f"epoch {epoch + 1}/{epochs}  step {step}/{self.total_steps}  loss {loss:.4f}  "
-                f"{rate * self.batch_images:.0f} img/s  {format_duration(left)} left")
-        print(("\r" + line.ljust(90)) if self.interactive else line, end="" if self.interactive and not final else "\n",
-              flush=True)
-
-
-def format_duration(seconds):
-    """Return seconds as 'M:SS' (or '?' when unknown)."""
-    if not math.isfinite(seconds):
-        return "?"
-    return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
-
-
-def write_loss_log(path, losses, steps_per_epoch):
-    """Write loss.csv: one row per step, 'step,epoch,loss', the loss as Python's exact repr (atomic)."""
-    rows = ["step,epoch,loss"] + [f"{step},{step // steps_per_epoch},{loss!r}" for step, loss in enumerate(losses)]
-    runtime.write_atomically(path, lambda stream: stream.write(("\n".join(rows) + "\n").encode()))
-
-
-GRID_DDIM_STEPS = 50
-
-
-def sample_grid(ema_model, schedule, config, device, precision, path):
-    """Write a PNG grid of config['grid_samples'] samples from the EMA weights after an epoch.
-
-    The grid uses deterministic DDIM over 50 steps from the same seeded x_T every epoch: twelve times cheaper than
-    the 600-step sampler (sample.py's default), and the same noise maps to each epoch's digits, so the grids show
-    how the model changes. sample.py gives the lecture's DDPM samples. Under the cosine schedule x0 is clipped:
-    its last beta is 0.999, and DDIM's first step would otherwise divide by sqrt(alphas_cumprod[-1]) ~ 1e-4.
-    """
-    shape = (config["grid_samples"], config["channels"], config["img_size"], config["img_size"])
-    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(config["seed"])).to(device)
-    ema_model.eval()
-    with runtime.autocast(device, precision):
-        samples, _ = ddpm.ddim_sample(ema_model, schedule, shape, steps=min(GRID_DDIM_STEPS, schedule.timesteps),
-                                      x_T=x_T.contiguous(memory_format=runtime.memory_format(precision)),
-                                      clip_x0=config["schedule"] == "cosine")
-    grid = images.make_grid(images.to_uint8(samples.float().cpu()), nrow=math.ceil(math.sqrt(shape[0])))
-    images.write_png(path, grid)
+    """Move every EMA weight toward the model (in place): ema = decay * ema + (1 - decay) * weight."""
+    torch._foreach_lerp_(list(ema_model.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """What one training process holds: its configuration and place in torchrun, data, model, optimizer, position."""
+    config: dict
+    out: str
+    device: torch.device
+    precision: str
+    rank: int
+    world_size: int
+    dataset: torch.Tensor = None
+    schedule: ddpm.Schedule = None
+    model: torch.nn.Module = None
+    trained_model: torch.nn.Module = None  # the DistributedDataParallel wrapper under torchrun, else model
+    ema_model: torch.nn.Module = None  # None when --ema-decay 0
+    optimizer: torch.optim.Optimizer = None
+    steps_per_epoch: int = 0
+    losses: list = field(default_factory=list)  # one mean loss per step, on the host
+    pending: list = field(default_factory=list)  # per-step losses still on the device
+    epoch: int = 0
+    step_in_epoch: int = 0
+    step: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.out, "checkpoint.pt")
+
+    def log(self, message):
+        """Print message on rank 0 only."""
+        if self.is_main:
+            print(message, flush=True)
 
 
 class StopRequest:
@@ -406,170 +229,201 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
 
-def prepare_output(args, checkpoint_path):
-    """Create --out; refuse to start afresh over an existing checkpoint unless --force, or to resume without one."""
-    os.makedirs(args.out, exist_ok=True)
-    for name in os.listdir(args.out):  # left behind by a run killed while it wrote a checkpoint or the loss log
-        if name.startswith(".") and name.endswith(".tmp"):
-            os.unlink(os.path.join(args.out, name))
-    exists = os.path.exists(checkpoint_path)
-    if args.resume and not exists:
-        raise runtime.CheckpointError(f"--resume: no checkpoint at {checkpoint_path}; start without --resume")
-    if exists and not args.resume and not args.force:
-        raise runtime.CheckpointError(
-            f"{args.out} already holds a checkpoint: add --resume to continue that run, --force to overwrite it, "
-            "or choose another --out")
+def claim_output(run, args):
+    """Prepare --out on rank 0; every rank stops if rank 0 cannot (only rank 0 says why)."""
+    problem = None
+    if run.is_main:
+        try:
+            run_folder.prepare_output(args, run.checkpoint_path)
+        except checkpoints.CheckpointError as error:
+            problem = error
+    if distributed.any_rank(problem is not None, run.world_size, run.device):
+        raise problem if problem is not None else SystemExit(1)
+
+
+def load_dataset(run, args):
+    """Set run.dataset (on the device) and run.steps_per_epoch; the other ranks read only after rank 0's download."""
+    if not run.is_main:
+        distributed.barrier(run.world_size)
+    run.dataset = data.load_training_images(run.config, args.data_dir, args.download and run.is_main, run.log).to(run.device)
+    if run.is_main:
+        distributed.barrier(run.world_size)
+    run.steps_per_epoch = len(run.dataset) // (run.config["batch_size"] * run.world_size)
+    if run.steps_per_epoch == 0:
+        raise runtime.ConfigError(
+            f"--batch-size {run.config['batch_size']} x {run.world_size} process(es) is more than the "
+            f"{len(run.dataset)} images; use a smaller --batch-size or more --max-images")
+
+
+def build_model_and_optimizer(run):
+    """Set run.schedule, run.model (seeded), run.ema_model (a copy, or None), run.optimizer and run.trained_model."""
+    config = run.config
+    run.schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(run.device)
+    torch.manual_seed(config["seed"])
+    run.model = runtime.build_model(config).to(device=run.device, memory_format=runtime.memory_format(run.precision))
+    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=config["lr"], fused=run.device.type == "cuda")
+    run.ema_model = copy.deepcopy(run.model).eval().requires_grad_(False) if config["ema_decay"] > 0 else None
+    run.trained_model = run.model
+    if run.world_size > 1:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        run.trained_model = DistributedDataParallel(run.model, device_ids=device_ids)
+
+
+def restore(run, checkpoint):
+    """Load the checkpoint's weights, EMA, optimizer, position and loss log into run."""
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    if run.ema_model is not None:
+        run.ema_model.load_state_dict(checkpoint["ema"])
+    run.losses, run.epoch = list(checkpoint["losses"]), checkpoint["epoch"]
+    run.step_in_epoch, run.step = checkpoint["step_in_epoch"], checkpoint["step"]
+    run.log(f"resumed from {run.checkpoint_path} at epoch {run.epoch + 1}, step {run.step}")
+
+
+def set_up(config, args):
+    """Return the Run: torchrun's place, --out claimed, the configuration (the checkpoint's on --resume), data, model."""
+    rank, world_size, local_rank = distributed.distributed_context()
+    device = runtime.resolve_device(args.device, local_rank)
+    distributed.init_distributed(world_size, device)
+    run = Run({**config, "world_size": world_size}, args.out, device, "fp32", rank, world_size)
+    claim_output(run, args)
+    checkpoint = None
+    if args.resume:
+        checkpoint = checkpoints.load_checkpoint(run.checkpoint_path)
+        run.config = checkpoints.check_resume_config(checkpoint["config"], run.config, args.explicit,
+                                                     run.checkpoint_path, FIXED_ON_RESUME, DERIVED_KEYS)
+    run.precision = runtime.resolve_precision(args.precision, device)
+    load_dataset(run, args)
+    build_model_and_optimizer(run)
+    if checkpoint is not None:
+        restore(run, checkpoint)
+    parameters = unet.count_parameters(run.model)
+    batch = f"{run.config['batch_size']} x {world_size}" if world_size > 1 else f"{run.config['batch_size']}"
+    run.log(f"model: SimpleUnet widths {run.config['widths']} x {run.config['blocks_per_level']} block(s), "
+            f"{parameters / 1e6:.2f}M parameters | device {device} | precision {run.precision} | {world_size} "
+            f"process(es) | batch {batch} | {run.steps_per_epoch} steps/epoch, {run.config['epochs']} epochs")
+    return run
+
+
+def train_one_step(run, order):
+    """Take step run.step of Algorithm 1 on this rank's next batch of the epoch's order; update the EMA."""
+    config, size = run.config, run.config["batch_size"]
+    batch = order[run.step_in_epoch * size:(run.step_in_epoch + 1) * size]
+    layout = runtime.memory_format(run.precision)
+    x0 = run.dataset[batch].contiguous(memory_format=layout)
+    generator = step_generator(config["seed"], run.rank, run.step, run.device)
+    t = ddpm.sample_t(len(batch), run.schedule.timesteps, run.device, generator)
+    noise = torch.randn(x0.shape, generator=generator, device=run.device).contiguous(memory_format=layout)
+    lr = learning_rate(run.step, config["lr"], config["warmup_steps"])
+    run.pending.append(train_step(run.trained_model, run.optimizer, x0, t, noise, run.schedule, lr,
+                                  config["grad_clip"], run.device, run.precision))
+    if run.ema_model is not None:
+        update_ema(run.ema_model, run.model, ema_decay_at(run.step, config["ema_decay"]))
+    run.step += 1
+    run.step_in_epoch += 1
+
+
+def flush_losses(run):
+    """Move pending losses to run.losses (averaged over ranks); return the first non-finite step, or None."""
+    if not run.pending:
+        return None
+    values = distributed.mean_over_ranks(torch.stack(run.pending).float(), run.world_size).cpu().tolist()
+    first_step = run.step - len(run.pending)
+    run.pending.clear()
+    for offset, value in enumerate(values):
+        if not math.isfinite(value):
+            return first_step + offset
+        run.losses.append(value)
+    return None
+
+
+def save(run):
+    """Write the checkpoint at run's position and loss.csv (rank 0 only; both atomic)."""
+    if run.is_main:
+        checkpoints.save_checkpoint(run.checkpoint_path, checkpoints.make_checkpoint(
+            run.config, run.model, run.ema_model, run.optimizer, run.epoch, run.step_in_epoch, run.step, run.losses))
+        run_folder.write_loss_log(os.path.join(run.out, "loss.csv"), run.losses, run.steps_per_epoch)
+
+
+def diverged(run, bad_step):
+    """Say where the loss became non-finite (no checkpoint is written) and return exit code 1."""
+    run.log(f"\nerror: the loss became non-finite at step {bad_step} (epoch {run.epoch + 1}); training stopped. "
+            f"The last good checkpoint stays in {run.checkpoint_path}; try a lower --lr")
+    return 1
+
+
+def interrupted(run):
+    """Say where the run stopped (its checkpoint is saved) and return the exit code of a Ctrl-C (130)."""
+    run.log(f"\ninterrupted at step {run.step} (epoch {run.epoch + (run.step_in_epoch > 0)}): checkpoint saved to "
+            f"{run.checkpoint_path}; continue with the same command plus --resume")
+    return 130
+
+
+def train_epoch(run, stop, progress):
+    """Train the rest of epoch run.epoch; return None when it is done, else the exit code (divergence, Ctrl-C)."""
+    order = epoch_permutation(len(run.dataset), run.config["seed"], run.epoch)[run.rank::run.world_size].to(run.device)
+    run.model.train()
+    while run.step_in_epoch < run.steps_per_epoch:
+        train_one_step(run, order)
+        last_step = run.step_in_epoch == run.steps_per_epoch
+        if len(run.pending) >= LOG_EVERY or last_step:
+            bad_step = flush_losses(run)
+            if bad_step is not None:
+                return diverged(run, bad_step)
+            if run.losses:
+                progress.update(run.step, epoch_text(run), final=last_step)
+        # At an epoch's last step the stop waits for the epoch's own grid and checkpoint (end_of_epoch).
+        if not last_step and distributed.any_rank(stop.signal_name is not None, run.world_size, run.device):
+            bad_step = flush_losses(run)
+            if bad_step is not None:
+                return diverged(run, bad_step)
+            save(run)
+            return interrupted(run)
+    return None
+
+
+def epoch_text(run):
+    """Return 'epoch e/E  step s/S  loss L' for the progress line."""
+    total = run.config["epochs"] * run.steps_per_epoch
+    return f"epoch {run.epoch + 1}/{run.config['epochs']}  step {run.step}/{total}  loss {run.losses[-1]:.4f}"
+
+
+def end_of_epoch(run, grid_path):
+    """Count the epoch as done, write its grid of samples (rank 0) and the checkpoint."""
+    run.epoch, run.step_in_epoch = run.epoch + 1, 0
+    if run.is_main and run.config["grid_samples"]:
+        model = run.ema_model if run.ema_model is not None else run.model
+        images.write_png(grid_path(run.epoch), sample.preview_grid(model, run.schedule, run.config, run.device,
+                                                                   run.precision))
+    save(run)
 
 
 def train(config, args):
-    """Run (or resume) a training run as configured; return the process exit code."""
-    rank, world_size, local_rank = distributed_context()
-    device = runtime.resolve_device(args.device, local_rank)
-    init_distributed(world_size, device)
-    is_main = rank == 0
-
-    def log(message):
-        if is_main:
-            print(message, flush=True)
-
-    checkpoint_path = os.path.join(args.out, "checkpoint.pt")
-    problem = None
-    if is_main:
-        try:
-            prepare_output(args, checkpoint_path)
-        except runtime.CheckpointError as error:
-            problem = error
-    if all_ranks_agree(problem is not None, world_size, device):  # every rank stops, only rank 0 says why
-        if problem is not None:
-            raise problem
-        return 1
-    config = {**config, "world_size": world_size}
-    checkpoint = None
-    if args.resume:
-        checkpoint = runtime.load_checkpoint(checkpoint_path)
-        config = check_resume_config(checkpoint["config"], config, args.explicit, checkpoint_path)
-    precision = runtime.resolve_precision(args.precision, device)
-    torch.manual_seed(config["seed"])
-    random.seed(config["seed"])
-    np.random.seed(config["seed"])
-
-    # The other ranks read the data only after rank 0's --download has finished: else they could read the bundled
-    # test split (or half-written files) while rank 0 trains on the downloaded training split.
-    if world_size > 1 and not is_main:
-        dist.barrier()
-    dataset = load_training_images(config, args.data_dir, args.download and is_main, log).to(device)
-    if world_size > 1 and is_main:
-        dist.barrier()
-    steps_per_epoch = len(dataset) // (config["batch_size"] * world_size)
-    if steps_per_epoch == 0:
-        raise runtime.ConfigError(
-            f"--batch-size {config['batch_size']} x {world_size} process(es) is more than the {len(dataset)} images; "
-            "use a smaller --batch-size or more --max-images")
-    schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device)
-    model = runtime.build_model(config).to(device=device, memory_format=runtime.memory_format(precision))
-    fused = device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=fused)
-    ema_model = copy.deepcopy(model).eval().requires_grad_(False) if config["ema_decay"] > 0 else None
-    losses, epoch, step_in_epoch, step = [], 0, 0, 0
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if ema_model is not None:
-            ema_model.load_state_dict(checkpoint["ema"])
-        losses, epoch, step_in_epoch, step = (checkpoint["losses"], checkpoint["epoch"], checkpoint["step_in_epoch"],
-                                              checkpoint["step"])
-        restore_rng_states(checkpoint["rng"])
-        log(f"resumed from {checkpoint_path} at epoch {epoch + 1}, step {step}")
-        del checkpoint
-    parameters = sum(p.numel() for p in model.parameters())
-    batch = f"{config['batch_size']} x {world_size}" if world_size > 1 else f"{config['batch_size']}"
-    log(f"model: SimpleUnet widths {config['widths']} x {config['blocks_per_level']} block(s), {parameters / 1e6:.2f}M "
-        f"parameters | device {device} | precision {precision} | {world_size} process(es) | batch {batch} | "
-        f"{steps_per_epoch} steps/epoch, {config['epochs']} epochs")
-    if epoch >= config["epochs"]:
-        log(f"{checkpoint_path} has already trained {epoch} epochs; pass --epochs N with N > {epoch} to train further")
+    """Run (or resume) a training run as configured (Algorithm 1 for every batch); return the exit code."""
+    run = set_up(config, args)
+    if run.epoch >= run.config["epochs"]:
+        run.log(f"{run.checkpoint_path} has already trained {run.epoch} epochs; pass --epochs N with N > {run.epoch} "
+                "to train further")
         return 0
-    trained_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world_size > 1 else model
-
-    def save(epoch_to_save, step_in_epoch_to_save):
-        if is_main:
-            runtime.save_checkpoint(checkpoint_path, make_checkpoint(
-                config, model, ema_model, optimizer, epoch_to_save, step_in_epoch_to_save, step, losses))
-            write_loss_log(os.path.join(args.out, "loss.csv"), losses, steps_per_epoch)
-
-    def interrupted(epoch_number):
-        """Say where the run stopped (its checkpoint is saved) and return the exit code of a Ctrl-C."""
-        log(f"\ninterrupted at step {step} (epoch {epoch_number}): checkpoint saved to {checkpoint_path}; "
-            "continue with the same command plus --resume")
-        return 130
-
     stop = StopRequest()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    progress = Progress(is_main, config["epochs"] * steps_per_epoch, config["batch_size"] * world_size, step)
-    pending = []  # per-step losses still on the device
-
-    def flush_losses():
-        """Bring pending losses to the host, average over ranks; return the first non-finite step or None."""
-        if not pending:
-            return None
-        values = mean_over_ranks(torch.stack(pending).float(), world_size).cpu().tolist()
-        first_step = step - len(pending)
-        pending.clear()
-        for offset, value in enumerate(values):
-            if not math.isfinite(value):
-                return first_step + offset
-            losses.append(value)
-        return None
-
+    progress = Progress(run.config["epochs"] * run.steps_per_epoch, start=run.step, enabled=run.is_main,
+                        scale=run.config["batch_size"] * run.world_size)
     try:
-        while epoch < config["epochs"]:
-            order = epoch_permutation(len(dataset), config["seed"], epoch)[rank::world_size].to(device)
-            model.train()
-            while step_in_epoch < steps_per_epoch:
-                batch = order[step_in_epoch * config["batch_size"]:(step_in_epoch + 1) * config["batch_size"]]
-                x0 = dataset[batch].contiguous(memory_format=runtime.memory_format(precision))
-                generator = step_generator(config["seed"], rank, step, device)
-                t = ddpm.sample_t(len(batch), config["timesteps"], device, generator)
-                noise = torch.randn(x0.shape, generator=generator, device=device).contiguous(
-                    memory_format=runtime.memory_format(precision))
-                pending.append(train_step(trained_model, optimizer, x0, t, noise, schedule, config, step, device,
-                                          precision))
-                if ema_model is not None:
-                    update_ema(ema_model, model, ema_decay_at(config, step))
-                step += 1
-                step_in_epoch += 1
-                if len(pending) >= LOG_EVERY or step_in_epoch == steps_per_epoch:
-                    bad_step = flush_losses()
-                    if bad_step is not None:
-                        log(f"\nerror: the loss became non-finite at step {bad_step} (epoch {epoch + 1}); training stopped. "
-                            f"The last good checkpoint stays in {checkpoint_path}; try a lower --lr")
-                        return 1
-                    if losses:
-                        progress.update(epoch, config["epochs"], step, losses[-1])
-                # At an epoch's last step the stop waits for the epoch's own grid and checkpoint (below).
-                if step_in_epoch < steps_per_epoch and all_ranks_agree(stop.signal_name is not None, world_size, device):
-                    if flush_losses() is not None:
-                        log(f"\nerror: the loss became non-finite before step {step}; not saving. "
-                            f"The last good checkpoint stays in {checkpoint_path}")
-                        return 1
-                    save(epoch, step_in_epoch)
-                    return interrupted(epoch + 1)
-            progress.update(epoch, config["epochs"], step, losses[-1], final=True)
-            epoch, step_in_epoch = epoch + 1, 0
-            if is_main and config["grid_samples"]:
-                sample_grid(ema_model if ema_model is not None else model, schedule, config, device, precision,
-                            os.path.join(args.out, f"samples_epoch_{epoch:03d}.png"))
-            save(epoch, 0)
-            if epoch < config["epochs"] and all_ranks_agree(stop.signal_name is not None, world_size, device):
-                return interrupted(epoch)
-        log(f"done: {config['epochs']} epochs, {step} steps; checkpoint in {checkpoint_path}")
+        while run.epoch < run.config["epochs"]:
+            code = train_epoch(run, stop, progress)
+            if code is not None:
+                return code
+            end_of_epoch(run, lambda epoch: os.path.join(args.out, f"samples_epoch_{epoch:03d}.png"))
+            if run.epoch < run.config["epochs"] and distributed.any_rank(stop.signal_name is not None,
+                                                                         run.world_size, run.device):
+                return interrupted(run)
+        run.log(f"done: {run.config['epochs']} epochs, {run.step} steps; checkpoint in {run.checkpoint_path}")
         return 0
     finally:
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
-        if world_size > 1:
-            dist.destroy_process_group()
+        distributed.finish_distributed(run.world_size)
 
 
 def main(argv=None):
@@ -577,8 +431,8 @@ def main(argv=None):
     config, args = parse_config(argv)
     try:
         return train(config, args)
-    except (data.DataError, runtime.CheckpointError, runtime.ConfigError) as error:
-        if distributed_context()[0] == 0:  # under torchrun every rank meets the same error: say it once
+    except (data.DataError, checkpoints.CheckpointError, runtime.ConfigError) as error:
+        if distributed.distributed_context()[0] == 0:  # under torchrun every rank meets the same error: say it once
             print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -110,6 +110,26 @@ def group_norm_groups(widths, groups):
     return num_groups
 
 
+def check_architecture(image_channels, widths, blocks_per_level, groups):
+    """Return None if the arguments describe a U-Net that can be built; raise a one-line ValueError if not."""
+    if image_channels < 1:
+        raise ValueError(f"image_channels must be >= 1, got {image_channels}")
+    if not widths or min(widths) < 2:
+        raise ValueError(f"widths must be a non-empty sequence of channel counts >= 2, got {widths}")
+    if blocks_per_level < 1:
+        raise ValueError(f"blocks_per_level must be >= 1, got {blocks_per_level}")
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+
+
+def level_blocks(in_channels, width, blocks_per_level, time_emb_dim, num_groups):
+    """Return the blocks_per_level residual blocks of one level: in_channels -> width, then width -> width."""
+    return nn.ModuleList(
+        ResidualBlock(in_channels if k == 0 else width, width, time_emb_dim, num_groups)
+        for k in range(blocks_per_level)
+    )
+
+
 class SimpleUnet(nn.Module):
     """U-Net predicting the noise eps_theta(x_t, t) (Ho et al. 2020, Algorithm 1) from a noisy image and its timestep."""
 
@@ -122,14 +142,7 @@ class SimpleUnet(nn.Module):
         """
         super().__init__()
         widths = tuple(widths)
-        if image_channels < 1:
-            raise ValueError(f"image_channels must be >= 1, got {image_channels}")
-        if not widths or min(widths) < 2:
-            raise ValueError(f"widths must be a non-empty sequence of channel counts >= 2, got {widths}")
-        if blocks_per_level < 1:
-            raise ValueError(f"blocks_per_level must be >= 1, got {blocks_per_level}")
-        if groups < 1:
-            raise ValueError(f"groups must be >= 1, got {groups}")
+        check_architecture(image_channels, widths, blocks_per_level, groups)
         num_groups = group_norm_groups(widths, groups)
         self.image_channels = image_channels
         self.widths = widths
@@ -141,17 +154,10 @@ class SimpleUnet(nn.Module):
             nn.Linear(time_emb_dim, time_emb_dim),
         )
         self.stem = nn.Conv2d(image_channels, widths[0], kernel_size=3, padding=1)
-
-        def level_blocks(in_channels, width):
-            """Return the blocks_per_level residual blocks of one level: in_channels -> width, then width -> width."""
-            return nn.ModuleList(
-                ResidualBlock(in_channels if k == 0 else width, width, time_emb_dim, num_groups)
-                for k in range(blocks_per_level)
-            )
-
         # down_levels[i], up_levels[i] run at resolution H / 2**i with widths[i] channels.
         self.down_levels = nn.ModuleList(
-            level_blocks(widths[max(level - 1, 0)], width) for level, width in enumerate(widths)
+            level_blocks(widths[max(level - 1, 0)], width, blocks_per_level, time_emb_dim, num_groups)
+            for level, width in enumerate(widths)
         )
         # downsamples[i] takes level i to level i + 1; upsamples[i] takes level i + 1 back to level i.
         self.downsamples = nn.ModuleList(
@@ -162,7 +168,8 @@ class SimpleUnet(nn.Module):
         # The first up block of a level sees the features from below concatenated with that level's skip.
         channels_from_below = widths[1:] + widths[-1:]
         self.up_levels = nn.ModuleList(
-            level_blocks(below + width, width) for below, width in zip(channels_from_below, widths)
+            level_blocks(below + width, width, blocks_per_level, time_emb_dim, num_groups)
+            for below, width in zip(channels_from_below, widths)
         )
         self.head = nn.Sequential(
             nn.GroupNorm(num_groups, widths[0]),

@@ -11,12 +11,13 @@ import io
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.request
 import zlib
 
 import numpy as np
 import torch
+
+from support import files
 
 MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -202,32 +203,16 @@ def download_file(urls, dest, md5, timeout=DOWNLOAD_TIMEOUT_S):
 
 def _fetch_verified(url, dest, md5, timeout):
     """Return nothing; fetch url into a temporary file beside dest and rename it onto dest if its MD5 matches."""
-    fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(dest) or ".", prefix=os.path.basename(dest) + ".",
-                                     suffix=".tmp")
-    try:
+    def write(out):
         digest = hashlib.md5()
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 digest.update(chunk)
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
         if digest.hexdigest() != md5:
             raise DataError(f"md5 {digest.hexdigest()} does not match the published {md5}")
-        # mkstemp creates the file readable by its owner only; a data file is as readable as any other.
-        os.chmod(temp_path, 0o644)
-        os.replace(temp_path, dest)
-    except BaseException:
-        _remove_if_present(temp_path)
-        raise
 
-
-def _remove_if_present(path):
-    """Return nothing; delete path, ignoring that it may already be gone."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+    files.write_atomically(dest, write)
 
 
 def _has_md5(path, md5):
@@ -382,3 +367,24 @@ def to_model_tensor(images, img_size):
         scaled, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
     # The filter weights are a convex combination, but float rounding can step just outside [-1, 1].
     return resized.clamp(-1.0, 1.0).contiguous()
+
+
+def load_training_images(config, data_dir, download, log):
+    """Return the training images as one float32 tensor (N, C, img_size, img_size) in [-1, 1]."""
+    if config["dataset"] == "cifar10":
+        if download:
+            download_cifar10(data_dir)
+        pixels, _ = load_cifar10(data_dir)
+        split = "CIFAR-10 training set"
+    else:
+        if download:
+            try:
+                download_mnist(data_dir)
+            except DataError as error:
+                log(f"warning: {error}")
+        pixels, _ = load_mnist(data_dir)
+        split = f"MNIST {mnist_files(data_dir)[2]} split"
+    if config["max_images"]:
+        pixels = pixels[: config["max_images"]]
+    log(f"data: {len(pixels)} images from the {split} in {data_dir}/")
+    return to_model_tensor(pixels, config["img_size"])

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-import data
-import evaluate
+from support import data, runtime
+from tools import evaluate
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 BUNDLED_DATA = os.path.join(HERE, "data")
-EVALUATE_SCRIPT = os.path.join(HERE, "evaluate.py")
+EVALUATE_COMMAND = [sys.executable, "-m", "tools.evaluate"]
 
 small_floats = st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False)
 positive_floats = st.floats(1e-3, 10.0, allow_nan=False, allow_infinity=False)
@@ -360,11 +360,11 @@ def test_background_noise_real_digits_are_clean_textured_ones_are_not(figures_by
 # ---------------------------------------------------------------------------------------------------------
 
 def test_cli_prints_every_figure_as_json_on_the_last_line(trained, mnist_dir, tmp_path):
-    """`python evaluate.py samples.npz` exits 0; its last stdout line is JSON with every figure; N < 1000 warns."""
+    """`python -m tools.evaluate samples.npz` exits 0; its last stdout line is JSON with every figure; N < 1000 warns."""
     _, cache, cache_dir = trained
     digits, _ = data.load_mnist(mnist_dir)
     path = write_npz(tmp_path / "samples.npz", arr_0=evaluate.real_digits_like_samples(digits[:64], SAMPLE_SIZE))
-    result = subprocess.run([sys.executable, EVALUATE_SCRIPT, path, "--data-dir", mnist_dir, "--cache", cache_dir],
+    result = subprocess.run([*EVALUATE_COMMAND, path, "--data-dir", mnist_dir, "--cache", cache_dir], cwd=HERE,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -413,17 +413,25 @@ def test_cli_refuses_bad_samples_with_one_line(case, tmp_path, capsys):
 
 
 def test_cli_bad_samples_exit_without_traceback_in_a_real_process(tmp_path):
-    """A real `python evaluate.py` on a float array exits non-zero with a single stderr line, no traceback."""
+    """A real `python -m tools.evaluate` on a float array exits non-zero with a single stderr line, no traceback."""
     path = bad_inputs(tmp_path)["float_dtype"]
-    result = subprocess.run([sys.executable, EVALUATE_SCRIPT, path, "--cache", str(tmp_path / "cache")],
+    result = subprocess.run([*EVALUATE_COMMAND, path, "--cache", str(tmp_path / "cache")], cwd=HERE,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
 def test_cli_refuses_an_unknown_device_with_one_line(tmp_path, capsys):
-    """--device with a name torch does not know: exit status 1 and a one-line hint."""
+    """--device with a name the scripts do not know: argparse's exit status 2 and one line naming the choices."""
     path = write_npz(tmp_path / "ok.npz", arr_0=np.zeros((4, 32, 32, 1), dtype=np.uint8))
-    status = evaluate.main([path, "--device", "abacus", "--cache", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([path, "--device", "abacus", "--cache", str(tmp_path / "cache")])
     captured = capsys.readouterr()
-    assert status == 1 and len(captured.err.strip().splitlines()) == 1 and "--device abacus" in captured.err
+    assert exit_info.value.code == 2 and "--device" in captured.err and "'auto'" in captured.err
+
+
+def test_cli_device_auto_is_the_default_and_resolves_like_the_other_scripts():
+    """evaluate's --device takes auto like train.py and sample.py, defaults to it, and resolves it the same way."""
+    assert evaluate.parse_args(["samples.npz"]).device == "auto"
+    assert evaluate.parse_args(["samples.npz", "--device", "cpu"]).device == "cpu"
+    assert runtime.resolve_device("auto").type in runtime.available_devices()

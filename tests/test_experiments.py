@@ -11,12 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import ddpm
-import experiments
-import images
+from support import images
+from tools import experiments
 
 deltas = st.lists(st.one_of(st.none(), st.floats(-100, 100, allow_nan=False)), min_size=0, max_size=8)
 
-REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIGURES = ("fid", "confidence", "class_entropy_nats", "dark_mean", "midtone_fraction")
 
 
@@ -26,7 +26,7 @@ def tiny_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("experiments")
     out = root / "out"
     completed = subprocess.run(
-        [sys.executable, "experiments.py", "--tiny", "--device", "cpu", "--out", str(out), "--work", str(root / "work"),
+        [sys.executable, "-m", "tools.experiments", "--tiny", "--device", "cpu", "--out", str(out), "--work", str(root / "work"),
          "--eval-cache", str(root / "eval_cache")],
         cwd=REPOSITORY, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]

@@ -1,7 +1,7 @@
 """Answer the lecture's closing questions with measurements: train, sample and score each variant the same way.
 
-    python experiments.py --device cuda --out runs/exp --no-grids     # about 5 minutes on one H100
-    python experiments.py --tiny --device cpu --out /tmp/exp          # seconds on a CPU: the smoke test
+    python -m tools.experiments --device cuda --out runs/exp --no-grids     # about 5 minutes on one H100
+    python -m tools.experiments --tiny --device cpu --out /tmp/exp          # seconds on a CPU: the smoke test
 
 Q1, why are the samples' backgrounds noisy? The quick preset trained for a short budget (--epochs), as
   a  the lecture's loop: no EMA, no learning-rate warm-up, no gradient clipping; DDPM sampling, no clipping
@@ -36,13 +36,11 @@ import time
 import numpy as np
 import torch
 
-import data
 import ddpm
-import evaluate
-import images
-import runtime
 import sample
 import train
+from support import arguments, checkpoints, data, files, images, runtime
+from tools import evaluate
 
 DATA_DIR = "data"  # train.py's and evaluate.py's default
 LECTURE_FLAGS = ["--ema-decay", "0", "--warmup-steps", "0", "--grad-clip", "0"]
@@ -81,9 +79,9 @@ def parse_args(argv):
     parser.add_argument("--work", default="runs/experiments/work", help="the runs' checkpoints and the samples' .npz")
     parser.add_argument("--eval-cache", default=os.path.join(DATA_DIR, "eval_cache"),
                         help="evaluate.py's classifier cache (default: evaluate.py's own)")
-    parser.add_argument("--n", type=sample.positive_int, help="samples per experiment (default 1000; tiny 16)")
-    parser.add_argument("--batch-size", type=sample.positive_int, default=1000, help="images per sampling batch")
-    parser.add_argument("--epochs", type=sample.positive_int, help="the short training budget (default 3; tiny 2)")
+    parser.add_argument("--n", type=arguments.positive_int, help="samples per experiment (default 1000; tiny 16)")
+    parser.add_argument("--batch-size", type=arguments.positive_int, default=1000, help="images per sampling batch")
+    parser.add_argument("--epochs", type=arguments.positive_int, help="the short training budget (default 3; tiny 2)")
     parser.add_argument("--seed", type=int, default=0, help="seeds every training and every sampler")
     parser.add_argument("--tiny", action="store_true", help="tiny model, 64 images at 16x16, T = 20, n = 16")
     parser.add_argument("--skip-cosine", action="store_true", help="leave out g, the cosine-schedule run")
@@ -162,7 +160,7 @@ def train_run(name, extra_flags, args):
     record = {"command": "python train.py " + " ".join(flags), "exit_code": exit_code,
               "seconds": time.perf_counter() - start, "checkpoint": os.path.join(out, "checkpoint.pt")}
     if exit_code == 0:
-        checkpoint = runtime.load_checkpoint(record["checkpoint"])
+        checkpoint = checkpoints.load_checkpoint(record["checkpoint"])
         last_epoch = checkpoint["losses"][-(len(checkpoint["losses"]) // checkpoint["epoch"]):]
         record.update(config=checkpoint["config"], steps=checkpoint["step"],
                       last_epoch_mean_loss=float(np.mean(last_epoch)))
@@ -222,9 +220,9 @@ def draw_samples(spec, checkpoint_path, args, device, precision):
 
     The seconds cover the sampling loop alone (its last step copies to the CPU, so the GPU has finished).
     """
-    checkpoint = runtime.load_checkpoint(checkpoint_path)
+    checkpoint = checkpoints.load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
-    model = runtime.model_from_checkpoint(checkpoint, device, precision)
+    model = checkpoints.model_from_checkpoint(checkpoint, device, precision)
     schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device)
     flags = ["--checkpoint", checkpoint_path, *sampler_flags(spec, args)]
     sample_args = sample.parse_args(flags)
@@ -348,8 +346,8 @@ def row_of_samples(samples, count=GRID_ROW_SAMPLES):
 
 
 def write_json(path, value):
-    """Write value as indented JSON to path atomically (runtime.write_atomically)."""
-    runtime.write_atomically(path, lambda stream: stream.write(json.dumps(value, indent=1).encode()))
+    """Write value as indented JSON to path atomically (files.write_atomically)."""
+    files.write_atomically(path, lambda stream: stream.write(json.dumps(value, indent=1).encode()))
 
 
 def summary(results):
@@ -363,8 +361,7 @@ def summary(results):
 def write_outputs(out, results, grid_rows):
     """Write results.json, results.md and grids.png (one row of samples per experiment that has samples)."""
     write_json(os.path.join(out, "results.json"), results)
-    with open(os.path.join(out, "results.md"), "w") as stream:
-        stream.write(results["markdown"])
+    files.write_bytes_atomically(os.path.join(out, "results.md"), results["markdown"].encode())
     if grid_rows:
         images.write_png(os.path.join(out, "grids.png"),
                          images.make_grid(np.concatenate(grid_rows), nrow=GRID_ROW_SAMPLES))
@@ -458,7 +455,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         results = run_all(args)
-    except (ExperimentError, evaluate.EvaluationError, data.DataError, runtime.CheckpointError,
+    except (ExperimentError, evaluate.EvaluationError, data.DataError, checkpoints.CheckpointError,
             runtime.ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

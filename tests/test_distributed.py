@@ -26,10 +26,10 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 import ddpm
-import runtime
 import train
+from support import checkpoints, data, runtime
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 TRAIN_SCRIPT = os.path.join(HERE, "train.py")
 BUNDLED_DATA = os.path.join(HERE, "data")
 WORLD_SIZE = 2
@@ -80,7 +80,7 @@ def save_record():
 
 def slow_download_mnist(data_dir, *args, **kwargs):
     """Stand-in for the network: after a delay, the training split appears (copies of the repository's test split)."""
-    import data
+    from support import data
     time.sleep(float(os.environ["FAKE_DOWNLOAD_DELAY_S"]))
     for test_name, train_name in zip(data.MNIST_TEST_FILES, data.MNIST_TRAIN_FILES):
         shutil.copy(os.path.join(REPO, "data", test_name), os.path.join(data_dir, train_name + ".part"))
@@ -88,7 +88,7 @@ def slow_download_mnist(data_dir, *args, **kwargs):
 
 
 if "FAKE_DOWNLOAD_DELAY_S" in os.environ:
-    import data
+    from support import data
     data.download_mnist = slow_download_mnist
 atexit.register(save_record)
 sys.stdout = PrintRecorder(sys.stdout)
@@ -168,6 +168,11 @@ def spawn(worker, tmp_path, *args):
     mp.spawn(worker, args=(str(tmp_path / "rendezvous"), *args), nprocs=WORLD_SIZE, join=True)
 
 
+def lr_at(config, step):
+    """Return train.py's learning rate at step for config."""
+    return train.learning_rate(step, config["lr"], config["warmup_steps"])
+
+
 def train_steps_on_rank(rank, init_file, config, steps, result_path):
     """Save this rank's weights, EMA, losses and image indices after `steps` DDP steps taken as train.train takes them.
 
@@ -179,7 +184,7 @@ def train_steps_on_rank(rank, init_file, config, steps, result_path):
     try:
         device = torch.device("cpu")
         torch.manual_seed(config["seed"])
-        dataset = train.load_training_images(config, BUNDLED_DATA, False, lambda message: None)
+        dataset = data.load_training_images(config, BUNDLED_DATA, False, lambda message: None)
         schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"])
         model = runtime.build_model(config)
         ema_model = copy.deepcopy(model).requires_grad_(False)
@@ -194,9 +199,9 @@ def train_steps_on_rank(rank, init_file, config, steps, result_path):
             generator = train.step_generator(config["seed"], rank, step, device)
             t = ddpm.sample_t(len(batch), config["timesteps"], device, generator)
             noise = torch.randn(dataset[batch].shape, generator=generator)
-            losses.append(train.train_step(ddp_model, optimizer, dataset[batch], t, noise, schedule, config, step,
-                                           device, "fp32"))
-            train.update_ema(ema_model, model, train.ema_decay_at(config, step))
+            losses.append(train.train_step(ddp_model, optimizer, dataset[batch], t, noise, schedule, lr_at(config, step),
+                                           config["grad_clip"], device, "fp32"))
+            train.update_ema(ema_model, model, train.ema_decay_at(step, config["ema_decay"]))
             used_images.append((epoch, batch))
         torch.save({"model": model.state_dict(), "ema": ema_model.state_dict(), "losses": torch.stack(losses),
                     "used_images": used_images}, result_path.format(rank=rank))
@@ -210,7 +215,8 @@ def weights_and_gradients_after_one_step(model_to_train, model, optimizer, x0, t
     model_to_train is the model itself or its DDP wrapper; the gradients are what the optimizer stepped with.
     """
     schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"])
-    train.train_step(model_to_train, optimizer, x0, t, noise, schedule, config, 0, torch.device("cpu"), "fp32")
+    train.train_step(model_to_train, optimizer, x0, t, noise, schedule, lr_at(config, 0), config["grad_clip"],
+                     torch.device("cpu"), "fp32")
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
     gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
     return weights, gradients
@@ -280,11 +286,11 @@ def test_torchrun_checkpoint_loads_and_counts_global_steps(two_epoch_run):
     Its loss log has one (rank-averaged) loss per global step, not one per rank.
     """
     _, out_dir, _ = two_epoch_run
-    checkpoint = runtime.load_checkpoint(str(out_dir / "checkpoint.pt"))
+    checkpoint = checkpoints.load_checkpoint(str(out_dir / "checkpoint.pt"))
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["step"]) == (2, 0, 2 * STEPS_PER_EPOCH)
     assert len(checkpoint["losses"]) == 2 * STEPS_PER_EPOCH
     runtime.build_model(checkpoint["config"]).load_state_dict(checkpoint["model"])
-    runtime.model_from_checkpoint(checkpoint, torch.device("cpu"), "fp32")
+    checkpoints.model_from_checkpoint(checkpoint, torch.device("cpu"), "fp32")
     assert [step for step, _, _ in read_losses(out_dir)] == list(range(2 * STEPS_PER_EPOCH))
 
 
@@ -306,14 +312,14 @@ def test_torchrun_resume_continues_from_checkpoint_to_the_uninterrupted_weights(
     _, uninterrupted_dir, _ = two_epoch_run
     out_dir = tmp_path / "run"
     assert_finished(torchrun([*TINY_FLAGS, "--epochs", "1", "--out", str(out_dir)], tmp_path / "first"))
-    assert runtime.load_checkpoint(str(out_dir / "checkpoint.pt"))["step"] == STEPS_PER_EPOCH
+    assert checkpoints.load_checkpoint(str(out_dir / "checkpoint.pt"))["step"] == STEPS_PER_EPOCH
     resumed = torchrun([*TINY_FLAGS, "--resume", "--epochs", "2", "--out", str(out_dir)], tmp_path / "second")
     assert_finished(resumed)
     rank0, rank1 = rank_records(tmp_path / "second")
     assert f"at epoch 2, step {STEPS_PER_EPOCH}" in rank0["stdout"] and rank1["stdout"] == ""
     assert resumed.stdout.count("resumed from") == 1
-    final = runtime.load_checkpoint(str(out_dir / "checkpoint.pt"))
-    expected = runtime.load_checkpoint(str(uninterrupted_dir / "checkpoint.pt"))
+    final = checkpoints.load_checkpoint(str(out_dir / "checkpoint.pt"))
+    expected = checkpoints.load_checkpoint(str(uninterrupted_dir / "checkpoint.pt"))
     assert (final["epoch"], final["step"]) == (2, 2 * STEPS_PER_EPOCH)
     assert max_difference(final["model"], expected["model"]) == 0.0
     assert max_difference(final["ema"], expected["ema"]) == 0.0
@@ -372,7 +378,7 @@ def test_ranks_end_with_identical_weights_and_ema_after_training_on_disjoint_hal
     assert max_difference(rank0["model"], initial) > 1e-3  # the weights did move
     assert max_difference(rank0["model"], rank1["model"]) == 0.0
     assert max_difference(rank0["ema"], rank1["ema"]) == 0.0
-    torchrun_checkpoint = runtime.load_checkpoint(str(two_epoch_run[1] / "checkpoint.pt"))
+    torchrun_checkpoint = checkpoints.load_checkpoint(str(two_epoch_run[1] / "checkpoint.pt"))
     assert max_difference(rank0["model"], torchrun_checkpoint["model"]) == 0.0
     assert max_difference(rank0["ema"], torchrun_checkpoint["ema"]) == 0.0
     assert torchrun_checkpoint["losses"] == ((rank0["losses"] + rank1["losses"]) / WORLD_SIZE).tolist()

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import ddpm
-import runtime
 import sample
 import train
+from support import checkpoints
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--widths", "8,16", "--img-size", "16", "--timesteps", "20", "--max-images", "48", "--batch-size", "8",
         "--grid-samples", "0", "--device", "cpu"]
 BAD_ARGUMENTS = [
@@ -84,14 +84,14 @@ def test_sigkill_at_random_moments_always_leaves_a_checkpoint_that_loads_and_res
         time.sleep(rng.uniform(0, 0.5))  # then kill anywhere: mid-step, mid-write, between epochs
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-        checkpoint = runtime.load_checkpoint(str(out / "checkpoint.pt"))
+        checkpoint = checkpoints.load_checkpoint(str(out / "checkpoint.pt"))
         steps_seen.append(checkpoint["step"])
         assert checkpoint["step"] % 6 == 0 and checkpoint["step_in_epoch"] == 0
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] > 6, steps_seen
     final = subprocess.run([*arguments, "--resume", "--epochs", str(steps_seen[-1] // 6 + 1)], cwd=ROOT,
                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
-    assert runtime.load_checkpoint(str(out / "checkpoint.pt"))["step"] == steps_seen[-1] + 6
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == steps_seen[-1] + 6
     assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
 
@@ -113,13 +113,13 @@ def test_ctrl_c_saves_at_the_current_step_and_resume_continues_there(tmp_path):
     message = [line for line in stdout.splitlines() if line.startswith("interrupted at step")]
     assert len(message) == 1 and "Traceback" not in stderr
     step = int(message[0].split()[3])
-    checkpoint = runtime.load_checkpoint(str(out / "checkpoint.pt"))
+    checkpoint = checkpoints.load_checkpoint(str(out / "checkpoint.pt"))
     assert checkpoint["step"] == step and checkpoint["step_in_epoch"] == step % 6
     resumed = subprocess.run([sys.executable, "train.py", *TINY, "--epochs", str(step // 6 + 2), "--out", str(out),
                               "--resume"], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {step}" in resumed.stdout
-    assert runtime.load_checkpoint(str(out / "checkpoint.pt"))["step"] == (step // 6 + 2) * 6
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == (step // 6 + 2) * 6
 
 
 # ----------------------------------------------------------------------------- 3. exact resume
@@ -154,10 +154,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         interrupt_at(patch, 3)
         assert run_train(pieced, "--epochs", "3", "--resume", *fp32) == 130
-    assert runtime.load_checkpoint(str(pieced / "checkpoint.pt"))["step"] == 15
+    assert checkpoints.load_checkpoint(str(pieced / "checkpoint.pt"))["step"] == 15
     assert run_train(pieced, "--epochs", "3", "--resume", *fp32) == 0
-    first = runtime.load_checkpoint(str(straight / "checkpoint.pt"))
-    second = runtime.load_checkpoint(str(pieced / "checkpoint.pt"))
+    first = checkpoints.load_checkpoint(str(straight / "checkpoint.pt"))
+    second = checkpoints.load_checkpoint(str(pieced / "checkpoint.pt"))
     assert same_state(first["model"], second["model"])
     assert same_state(first["ema"], second["ema"])
     assert first["losses"] == second["losses"] and len(first["losses"]) == 18
@@ -184,9 +184,9 @@ def test_checkpoint_carrying_code_is_refused_and_the_code_does_not_run(tmp_path,
     """A checkpoint whose pickle would run code is refused by load and by sample.py; the payload never runs."""
     marker = tmp_path / "payload-ran"
     evil = tmp_path / "evil.pt"
-    torch.save({"format": runtime.CHECKPOINT_FORMAT, "model": FileCreatingPayload(str(marker))}, evil)
-    with pytest.raises(runtime.CheckpointError, match="refused"):
-        runtime.load_checkpoint(str(evil))
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": FileCreatingPayload(str(marker))}, evil)
+    with pytest.raises(checkpoints.CheckpointError, match="refused"):
+        checkpoints.load_checkpoint(str(evil))
     assert sample.main(["--checkpoint", str(evil), "--out", str(tmp_path / "x.png"), "--device", "cpu"]) == 1
     assert "refused" in one_line_error(capsys.readouterr())
     assert not marker.exists()
@@ -229,7 +229,7 @@ def test_resume_with_a_different_configuration_is_refused(good_run, tmp_path, ca
     assert run_train(out, "--resume", "--epochs", "2", flag, value) == 1
     line = one_line_error(capsys.readouterr())
     assert "was trained with" in line and flag.lstrip("-").replace("-", "_") in line
-    assert runtime.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 6
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 6
 
 
 # ----------------------------------------------------------------------------- 6. bad data
@@ -324,9 +324,9 @@ def test_fresh_run_into_a_folder_with_a_checkpoint_asks_for_resume_or_force(good
     assert run_train(out, "--epochs", "1") == 1
     line = one_line_error(capsys.readouterr())
     assert "--resume" in line and "--force" in line
-    assert runtime.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 6
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 6
     assert run_train(out, "--epochs", "2", "--force") == 0
-    assert runtime.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 12
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 12
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):

@@ -6,11 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import images
-import runtime
 import sample
 import train
+from support import checkpoints, data, images, runtime
 from test_data import cifar_archive_members, cifar_batch, write_cifar_archive
 
 # A configuration that trains in about a second: 48 MNIST digits at 16x16, batch 8 (6 steps an epoch).
@@ -39,7 +37,7 @@ def trained_run(tmp_path_factory):
 
 def test_training_writes_checkpoint_grids_and_loss_log(trained_run):
     """After 2 epochs of 6 steps: a checkpoint at step 12, a decodable grid per epoch, a loss row per step."""
-    checkpoint = runtime.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"], checkpoint["step"]) == (2, 0, 12)
     assert checkpoint["config"]["widths"] == [8, 16] and checkpoint["ema"] is not None
     for epoch in (1, 2):
@@ -68,7 +66,7 @@ def test_resume_continues_from_the_checkpoint(trained_run, tmp_path, capsys):
     (out / "checkpoint.pt").write_bytes((trained_run / "checkpoint.pt").read_bytes())
     assert run_train(out, "--resume", "--epochs", "3") == 0
     assert "resumed from" in capsys.readouterr().out
-    assert runtime.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 18
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 18
 
 
 def test_preset_values_are_overridden_by_explicit_flags():
@@ -122,7 +120,7 @@ def test_cifar10_trains_in_colour_end_to_end(tmp_path):
                        "--timesteps", "10", "--batch-size", "8", "--epochs", "1", "--grid-samples", "4",
                        "--device", "cpu", "--out", str(out)])
     assert code == 0
-    checkpoint = runtime.load_checkpoint(str(out / "checkpoint.pt"))
+    checkpoint = checkpoints.load_checkpoint(str(out / "checkpoint.pt"))
     assert checkpoint["config"]["channels"] == 3 and checkpoint["step"] == 5
     grid = images.decode_png((out / "samples_epoch_001.png").read_bytes())
     assert grid.shape == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2, 3)

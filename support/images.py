@@ -1,15 +1,15 @@
 """Image output without image libraries: model tensors -> uint8 pixels -> a grid -> PNG bytes, and back.
 
-Depends only on numpy and the standard library (zlib, struct, os, tempfile), so it can be copied alone.
+Depends only on numpy, the standard library (zlib, struct) and support/files.py (the atomic writer).
 The PNG writer emits the simplest valid file (8-bit grey or RGB, one IDAT, no filtering); the decoder reads
 those and any other 8-bit grey/RGB non-interlaced PNG, and is what the tests use to check the written pixels.
 """
-import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
+
+from support import files
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES = {1: 0, 3: 2}  # channels -> PNG colour type (0 = greyscale, 2 = truecolour RGB)
@@ -87,20 +87,8 @@ def _png_chunk(chunk_type, payload):
 
 
 def write_png(path, array):
-    """Return path after writing encode_png(array) there atomically (temporary file beside it, then rename)."""
-    data = encode_png(array)
-    fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
-                                     suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        # mkstemp creates the file readable by its owner only; an image is as readable as any other file.
-        os.chmod(temp_path, 0o644)
-        os.replace(temp_path, path)
-    except BaseException:
-        os.remove(temp_path)
-        raise
-    return path
+    """Return path after writing encode_png(array) there atomically (files.write_atomically)."""
+    return files.write_bytes_atomically(path, encode_png(array))
 
 
 def decode_png(data):

@@ -1,6 +1,6 @@
 """Sample quality of generated MNIST digits: FID in a small digit classifier's features, and plain statistics.
 
-    python evaluate.py samples.npz [--data-dir data] [--cache DIR] [--device cpu]
+    python -m tools.evaluate samples.npz [--data-dir data] [--cache DIR] [--device auto]
 
 samples.npz is what sample.py writes: key 'arr_0', uint8 (N, H, W, 1), pixels 0..255, ink white on black.
 The report is printed in words first; its LAST line is one JSON object holding every figure.
@@ -30,7 +30,6 @@ import math
 import os
 import pickle
 import sys
-import tempfile
 import time
 import zipfile
 
@@ -39,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import data
-from images import to_uint8
+from support import data, files, runtime
+from support.images import to_uint8
 
 # Bump when the classifier's architecture, training recipe or the cached statistics change:
 # the cache file name carries it, so an old cache is never read by new code.
@@ -223,20 +222,9 @@ def cache_path(cache_dir, split_name):
 
 
 def save_cache(path, cache):
-    """Return nothing; write the cache dict with torch.save to a temporary file, then rename it onto path.
-
-    The rename makes the write atomic, so a concurrent reader sees the old file or the new one, never half.
-    """
+    """Return nothing; write the cache dict with torch.save atomically (files.write_atomically)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fd, temp_path = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
-                                     suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(cache, temp_path)
-        os.replace(temp_path, path)
-    except BaseException:
-        os.remove(temp_path)
-        raise
+    files.write_atomically(path, lambda stream: torch.save(cache, stream))
 
 
 def load_or_train_classifier(data_dir, cache_dir, epochs=TRAIN_EPOCHS):
@@ -423,17 +411,6 @@ def load_samples(path):
     return samples
 
 
-def resolve_device(name):
-    """Return torch.device(name) after checking it exists here; EvaluationError for an unknown or absent one."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise EvaluationError(f"--device {name} is not a device name: use cpu, cuda or cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {name} requested but no CUDA GPU is available: use --device cpu")
-    return device
-
-
 def format_report(figures, cache):
     """Return the human-readable report: one figure per line, samples beside real digits where both exist."""
     histogram = " ".join(f"{digit}:{count}" for digit, count in enumerate(figures["class_histogram"]))
@@ -462,7 +439,8 @@ def parse_args(argv=None):
     parser.add_argument("--cache", default=None,
                         help="where the classifier and real-digit statistics are cached "
                              "(default: <data-dir>/eval_cache)")
-    parser.add_argument("--device", default="cpu", help="device for the classifier's forward passes")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                        help="device for the classifier's forward passes (auto: CUDA, else MPS, else CPU)")
     args = parser.parse_args(argv)
     if args.cache is None:
         args.cache = os.path.join(args.data_dir, "eval_cache")
@@ -474,13 +452,13 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         samples = load_samples(args.samples)
-        device = resolve_device(args.device)
+        device = runtime.resolve_device(args.device)
         model, cache = load_or_train_classifier(args.data_dir, args.cache)
         real_images, _ = data.load_mnist(args.data_dir)
         reference = cached_reference_statistics(model, cache, cache_path(args.cache, cache["split"]),
                                                 real_images, samples.shape[1], device)
         figures = sample_figures(samples, model, reference, device)
-    except (EvaluationError, data.DataError, OSError) as error:
+    except (EvaluationError, data.DataError, runtime.ConfigError, OSError) as error:
         # Messages quoted from numpy or the OS may span lines; the contract is one line.
         print(f"evaluate.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1

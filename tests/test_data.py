@@ -20,8 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import data
-import images
+from support import data, images
 
 idx_arrays = hnp.arrays(np.uint8, hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=5))
 png_pixels = st.one_of(
@@ -43,7 +42,7 @@ grid_layouts = st.tuples(
 square_grey_batches = st.tuples(st.integers(1, 3), st.integers(1, 6)).flatmap(
     lambda count_side: hnp.arrays(np.uint8, (count_side[0], count_side[1], count_side[1])))
 
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 # MD5s of the decompressed official MNIST test split (the payload inside the published .gz files).
 OFFICIAL_TEST_PAYLOAD_MD5 = {
     "t10k-images-idx3-ubyte.gz": "2646ac647ad5339dbf082846283269ea",

@@ -1,8 +1,8 @@
 """Benchmark the lecture's DDPM on this machine: training and sampling throughput, FLOPs, peak memory.
 
-    python bench.py --quick            # about a minute on 2 quiet CPU cores
-    python bench.py                    # more repeats and sampling steps
-    python bench.py --device cuda      # the same measurements on a GPU
+    python -m tools.bench --quick            # about a minute on 2 quiet CPU cores
+    python -m tools.bench                    # more repeats and sampling steps
+    python -m tools.bench --device cuda      # the same measurements on a GPU
 
 Every configuration is timed in this one process, after warm-up steps, as the median over timed repeats; the
 repeats of the baseline and of the fast path alternate, so a change in the machine's load hits both alike.
@@ -33,10 +33,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import ddpm
-import runtime
-import sample
 import train
 import unet
+from support import arguments, runtime
 
 # How much work each mode measures: warm-up and timed steps per configuration, sampler steps timed per draw.
 PLANS = {
@@ -71,7 +70,7 @@ def parse_args(argv):
     size.add_argument("--quick", action="store_true", help="fewer repeats and sampler steps: about a minute on 2 quiet cores")
     size.add_argument("--tiny", action="store_true", help="a seconds-long run with a tiny model (the smoke test)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--batch-size", type=sample.positive_int,
+    parser.add_argument("--batch-size", type=arguments.positive_int,
                         help="training and sampling batch; default: each model's train.py batch (128 for the "
                              f"lecture's, 64 for the quick preset's) and {SAMPLING_BATCH} for sampling")
     args = parser.parse_args(argv)
@@ -194,8 +193,10 @@ def fast_training_step(config, batch_size, device, precision):
         generator = train.step_generator(config["seed"], 0, step_number, device)
         t = ddpm.sample_t(batch_size, config["timesteps"], device, generator)
         noise = torch.randn(x0.shape, generator=generator, device=device).contiguous(memory_format=layout)
-        pending.append(train.train_step(model, optimizer, x0, t, noise, schedule, config, step_number, device, precision))
-        train.update_ema(ema_model, model, train.ema_decay_at(config, step_number))
+        lr = train.learning_rate(step_number, config["lr"], config["warmup_steps"])
+        pending.append(train.train_step(model, optimizer, x0, t, noise, schedule, lr, config["grad_clip"], device,
+                                        precision))
+        train.update_ema(ema_model, model, train.ema_decay_at(step_number, config["ema_decay"]))
         if len(pending) >= train.LOG_EVERY:
             torch.stack(pending).float().cpu()
             pending.clear()
@@ -317,8 +318,8 @@ def training_peak_memory(path, config, batch_size, device, precision, steps):
     request = json.dumps({"path": path, "config": config, "batch_size": batch_size, "precision": precision,
                           "steps": steps, "threads": torch.get_num_threads()})
     completed = subprocess.run(
-        [sys.executable, "-c", "import sys, bench; bench.report_training_peak_rss(sys.argv[1])", request],
-        cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True, check=True)
+        [sys.executable, "-c", "import sys; from tools import bench; bench.report_training_peak_rss(sys.argv[1])", request],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, check=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 

@@ -8,10 +8,10 @@ import sys
 
 import torch
 
-import bench
 import train
+from tools import bench
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 TOP_LEVEL_KEYS = {"mode", "device", "device_name", "torch", "threads", "fast_precision", "fast_memory_format",
                   "torch_compile", "timing", "load_average_before", "load_average_after", "training", "sampling",
                   "peak_matmul", "memory"}
@@ -23,8 +23,8 @@ SAMPLING_KEYS = {"model", "batch_size", "timed_steps_per_draw", "ddpm600_baselin
 
 
 def run_bench(*flags):
-    """Return the finished `python bench.py FLAGS` process (stdout and stderr captured as text)."""
-    return subprocess.run([sys.executable, "bench.py", *flags], cwd=HERE, capture_output=True, text=True, timeout=120)
+    """Return the finished `python -m tools.bench FLAGS` process (stdout and stderr captured as text)."""
+    return subprocess.run([sys.executable, "-m", "tools.bench", *flags], cwd=HERE, capture_output=True, text=True, timeout=120)
 
 
 def test_help_lists_every_flag():

@@ -1,0 +1,60 @@
+"""Checks of what a user asks for on a command line: argparse types and the training configuration's ranges.
+
+Every bad value gets one line that says what was wrong and what to do, before any work starts.
+"""
+import argparse
+import math
+
+import unet
+
+
+def positive_int(text):
+    """Return text as an int > 0 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def parse_widths(text):
+    """Return the U-Net widths from '64,128,256' as a list of positive ints (an argparse type)."""
+    try:
+        widths = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"widths must be comma-separated integers like 64,128,256, got {text!r}") from None
+    if not widths or min(widths) <= 0:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return widths
+
+
+def config_problem(config):
+    """Return a one-line description of the first invalid value in config, or None."""
+    positive = ("epochs", "batch_size", "lr", "img_size", "blocks_per_level", "time_emb_dim")
+    for key in positive:
+        if not config[key] > 0:
+            return f"--{key.replace('_', '-')} must be positive, got {config[key]}"
+    if not (config["lr"] < 1e3 and math.isfinite(config["lr"])):
+        return f"--lr must be a finite learning rate, got {config['lr']}"
+    if config["timesteps"] < 2:
+        return f"--timesteps must be at least 2, got {config['timesteps']}"
+    if config["time_emb_dim"] % 2:
+        return f"the time embedding size must be even, got {config['time_emb_dim']}"
+    if not 0 <= config["ema_decay"] < 1:
+        return f"--ema-decay must be in [0, 1), got {config['ema_decay']}"
+    for key in ("warmup_steps", "max_images", "grid_samples", "grad_clip"):
+        if config[key] < 0:
+            return f"--{key.replace('_', '-')} must not be negative, got {config[key]}"
+    factor = 2 ** (len(config["widths"]) - 1)
+    if config["img_size"] % factor:
+        return (f"--img-size {config['img_size']} is not divisible by {factor} = 2**(levels-1) for widths "
+                f"{','.join(map(str, config['widths']))}; use a multiple of {factor}")
+    if min(config["widths"]) < 2:
+        return "every width must be at least 2 (GroupNorm needs two channels per group)"
+    try:
+        unet.group_norm_groups(tuple(config["widths"]), groups=8)
+    except ValueError as error:
+        return f"--widths: {error}"
+    return None

@@ -1,0 +1,26 @@
+"""The run folder (--out) of train.py: claimed before any work, checkpoint.pt and loss.csv written atomically."""
+import os
+
+from support import files
+from support.checkpoints import CheckpointError
+
+
+def prepare_output(args, checkpoint_path):
+    """Create --out; refuse to start afresh over an existing checkpoint unless --force, or to resume without one."""
+    os.makedirs(args.out, exist_ok=True)
+    for name in os.listdir(args.out):  # left behind by a run killed while it wrote a checkpoint or the loss log
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.unlink(os.path.join(args.out, name))
+    exists = os.path.exists(checkpoint_path)
+    if args.resume and not exists:
+        raise CheckpointError(f"--resume: no checkpoint at {checkpoint_path}; start without --resume")
+    if exists and not args.resume and not args.force:
+        raise CheckpointError(
+            f"{args.out} already holds a checkpoint: add --resume to continue that run, --force to overwrite it, "
+            "or choose another --out")
+
+
+def write_loss_log(path, losses, steps_per_epoch):
+    """Write loss.csv: one row per step, 'step,epoch,loss', the loss as Python's exact repr (atomic)."""
+    rows = ["step,epoch,loss"] + [f"{step},{step // steps_per_epoch},{loss!r}" for step, loss in enumerate(losses)]
+    files.write_bytes_atomically(path, ("\n".join(rows) + "\n").encode())
