@@ -92,20 +92,25 @@ def generate(model, schedule, config, args, device, precision, progress=None):
 
 
 PREVIEW_STEPS = 50
+PREVIEW_ETA = 1.0
 
 
 def preview_grid(model, schedule, config, device, precision, steps=PREVIEW_STEPS):
     """Return a uint8 grid of config['grid_samples'] samples: train.py's picture of the model after each epoch.
 
-    Deterministic DDIM over 50 steps from the same seeded x_T every epoch: twelve times cheaper than the 600-step
-    sampler, and the same noise maps to each epoch's digits, so the grids show how the model changes. x0 is
-    clipped where the schedule asks for it (runtime.clip_x0_by_default).
+    The fast route: the DDIM update with eta = 1 (the DDPM posterior's noise) over 50 strided timesteps, twelve
+    times cheaper than the 600-step sampler and close to it in quality, where deterministic DDIM (eta = 0) is
+    grainier on a short-trained model (docs/sampling.md). x_T and every step's noise come from generators seeded
+    by the run's seed, so each epoch's grid starts from the same noise and the grids show how the model changes.
+    x0 is clipped where the schedule asks for it (runtime.clip_x0_by_default).
     """
     shape = (config["grid_samples"], config["channels"], config["img_size"], config["img_size"])
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(config["seed"])).to(device)
+    step_noise = runtime.seeded_generator(config["seed"], 1, device=device)
     model.eval()
     with runtime.autocast(device, precision):
-        samples, _ = ddpm.ddim_sample(model, schedule, shape, steps=min(steps, schedule.timesteps),
+        samples, _ = ddpm.ddim_sample(model, schedule, shape, steps=min(steps, schedule.timesteps), eta=PREVIEW_ETA,
+                                      generator=step_noise,
                                       x_T=x_T.contiguous(memory_format=runtime.memory_format(precision)),
                                       clip_x0=runtime.clip_x0_by_default(config["schedule"]))
     return images.make_grid(images.to_uint8(samples.float().cpu()), nrow=math.ceil(math.sqrt(shape[0])))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import ddpm
 import sample
 import train
 from support import checkpoints, data, images, runtime
@@ -131,3 +132,21 @@ def test_precision_auto_follows_the_hardware():
     cpu = torch.device("cpu")
     assert runtime.resolve_precision("auto", cpu) == ("bf16" if runtime.cpu_has_native_bf16() else "fp32")
     assert runtime.resolve_precision("fp32", cpu) == "fp32"
+
+
+def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_time(trained_run):
+    """train.py's preview grid: the same seed gives the same grid (each epoch starts from the same x_T and step noise),
+    and it is the eta = 1 route (the DDIM update with the posterior's noise), not deterministic DDIM (eta = 0)."""
+    checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    config = checkpoint["config"]
+    model = checkpoints.model_from_checkpoint(checkpoint, torch.device("cpu"), "fp32")
+    schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"])
+    grid = sample.preview_grid(model, schedule, config, torch.device("cpu"), "fp32")
+    assert np.array_equal(grid, sample.preview_grid(model, schedule, config, torch.device("cpu"), "fp32"))
+    assert sample.PREVIEW_ETA == 1.0
+    shape = (config["grid_samples"], config["channels"], config["img_size"], config["img_size"])
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(config["seed"]))
+    deterministic, _ = ddpm.ddim_sample(model, schedule, shape, steps=min(sample.PREVIEW_STEPS, config["timesteps"]),
+                                        eta=0.0, x_T=x_T)
+    deterministic_grid = images.make_grid(images.to_uint8(deterministic), nrow=2)
+    assert grid.shape == deterministic_grid.shape and not np.array_equal(grid, deterministic_grid)
