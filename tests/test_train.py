@@ -98,15 +98,16 @@ def test_sample_writes_png_grid_and_npz_that_agree(trained_run, tmp_path):
 
 
 def test_sample_is_reproducible_for_a_seed_and_differs_across_seeds(trained_run, tmp_path):
-    """The same --seed gives the same images; another seed gives others (DDIM and DDPM)."""
+    """The same --seed gives the same images; another seed gives others (DDPM, fast and DDIM)."""
     def draw(seed, sampler):
         path = tmp_path / f"{sampler}{seed}.npz"
+        steps = [] if sampler == "ddpm" else ["--steps", "5"]
         assert sample.main(["--checkpoint", str(trained_run / "checkpoint.pt"), "--n", "3", "--seed", str(seed),
-                            "--sampler", sampler, "--steps", "5", "--out", str(tmp_path / "x.png"),
+                            "--sampler", sampler, *steps, "--out", str(tmp_path / "x.png"),
                             "--npz", str(path), "--device", "cpu"]) == 0
         return np.load(path)["arr_0"]
 
-    for sampler in ("ddpm", "ddim"):
+    for sampler in ("ddpm", "fast", "ddim"):
         np.testing.assert_array_equal(draw(1, sampler), draw(1, sampler))
         assert not np.array_equal(draw(1, sampler), draw(2, sampler))
 
@@ -131,3 +132,41 @@ def test_precision_auto_follows_the_hardware():
     cpu = torch.device("cpu")
     assert runtime.resolve_precision("auto", cpu) == ("bf16" if runtime.cpu_has_native_bf16() else "fp32")
     assert runtime.resolve_precision("fp32", cpu) == "fp32"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Return a function that makes torch report one CUDA GPU of the given compute capability.
+
+    torch.cuda.is_bf16_supported() is faked True at every capability, as torch reports it on a T4 or V100 too.
+    """
+    def install(capability):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+    return install
+
+
+@pytest.mark.parametrize("capability, gpu", [((7, 0), "V100"), ((7, 5), "T4, the free Colab GPU")])
+def test_precision_auto_is_fp32_on_a_gpu_that_only_emulates_bf16(fake_gpu, capability, gpu):
+    """Compute capability below 8.0: auto means fp32, although is_bf16_supported() says True there."""
+    fake_gpu(capability)
+    assert torch.cuda.is_bf16_supported()
+    assert runtime.resolve_precision("auto", torch.device("cuda:0")) == "fp32", gpu
+
+
+@pytest.mark.parametrize("capability, gpu", [((8, 0), "A100"), ((8, 6), "RTX 30xx"), ((8, 9), "RTX 40xx"),
+                                             ((9, 0), "H100")])
+def test_precision_auto_is_bf16_on_a_gpu_that_computes_it_natively(fake_gpu, capability, gpu):
+    """Compute capability 8.0 or newer: auto means bf16 autocast."""
+    fake_gpu(capability)
+    assert runtime.resolve_precision("auto", torch.device("cuda:0")) == "bf16", gpu
+
+
+def test_explicit_precision_is_kept_on_any_gpu(fake_gpu):
+    """--precision fp32 or bf16 is used as asked, whatever the capability."""
+    fake_gpu((7, 5))
+    assert runtime.resolve_precision("bf16", torch.device("cuda:0")) == "bf16"
+    fake_gpu((9, 0))
+    assert runtime.resolve_precision("fp32", torch.device("cuda:0")) == "fp32"
