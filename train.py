@@ -86,8 +86,9 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=unset, help="default 0")
     parser.add_argument("--max-images", type=int, default=unset, help="train on the first N images only; 0 = all")
     parser.add_argument("--grid-samples", type=int, default=unset, help="samples in each epoch's grid, 0 = none; default 16")
-    parser.add_argument("--out", default="runs/ddpm", help="folder for checkpoint.pt, loss.csv and grids")
-    parser.add_argument("--data-dir", default="data", help="where the MNIST/CIFAR-10 files are")
+    parser.add_argument("--out", default="runs/ddpm", help="folder for config.json, checkpoint.pt, loss.csv and grids")
+    parser.add_argument("--data-dir", default="data",
+                        help="where the MNIST/CIFAR-10 files are (also a torchvision root holding MNIST/raw)")
     parser.add_argument("--download", action="store_true", help="fetch the 60,000-digit MNIST training split (or CIFAR-10)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",

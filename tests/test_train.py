@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on tiny configurations: checkpoints, grids, logs, resume, PNG and .npz output."""
 import csv
+import json
 import math
 
 import numpy as np
@@ -67,6 +68,48 @@ def test_resume_continues_from_the_checkpoint(trained_run, tmp_path, capsys):
     assert run_train(out, "--resume", "--epochs", "3") == 0
     assert "resumed from" in capsys.readouterr().out
     assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 18
+
+
+def test_config_json_is_written_at_the_start_as_the_checkpoints_configuration(tmp_path, monkeypatch):
+    """config.json exists before the first step is taken, and holds the configuration the checkpoint records."""
+    seen_at_first_epoch = []
+    original = train.train_epoch
+
+    def train_epoch_checking_config(run, stop, progress):
+        seen_at_first_epoch.append((tmp_path / "config.json").exists())
+        return original(run, stop, progress)
+
+    monkeypatch.setattr(train, "train_epoch", train_epoch_checking_config)
+    assert run_train(tmp_path, "--epochs", "1", "--grid-samples", "0") == 0
+    assert seen_at_first_epoch == [True]
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written == checkpoints.load_checkpoint(str(tmp_path / "checkpoint.pt"))["config"]
+    assert written["channels"] == 1 and written["widths"] == [8, 16] and written["dataset"] == "mnist"
+
+
+def test_loss_log_holds_the_learning_rate_and_elapsed_seconds_of_each_step(trained_run):
+    """loss.csv: step, epoch, loss, lr (the warm-up's lr * (step + 1) / 100), elapsed_s (increasing, as checkpointed)."""
+    with open(trained_run / "loss.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "elapsed_s"]
+    assert [float(row["lr"]) for row in rows] == [train.learning_rate(step, 1e-3, 100) for step in range(12)]
+    seconds = [float(row["elapsed_s"]) for row in rows]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    assert seconds == [round(value, 3) for value in checkpoint["elapsed"]]
+
+
+def test_a_checkpoint_without_elapsed_times_still_resumes(trained_run, tmp_path):
+    """A checkpoint written before elapsed times were kept resumes; its steps' elapsed_s are empty, the new ones not."""
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    del checkpoint["elapsed"]
+    checkpoints.save_checkpoint(str(out / "checkpoint.pt"), checkpoint)
+    assert run_train(out, "--resume", "--epochs", "3", "--grid-samples", "0") == 0
+    with open(out / "loss.csv") as stream:
+        seconds = [row["elapsed_s"] for row in csv.DictReader(stream)]
+    assert seconds[:12] == [""] * 12 and all(float(value) > 0 for value in seconds[12:]) and len(seconds) == 18
 
 
 def test_preset_values_are_overridden_by_explicit_flags():
