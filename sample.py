@@ -101,12 +101,7 @@ def load(path, device="auto", precision="auto"):
     device = runtime.resolve_device(device)
     config, weights = checkpoints.load_sampling_weights(path)
     model = checkpoints.model_from_weights(config, weights, device, runtime.resolve_precision(precision, device), path)
-    return Loaded(model, schedule_of(config, device), config)
-
-
-def schedule_of(config, device):
-    """Return the noise schedule a configuration names (timesteps, schedule), on device."""
-    return ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device)
+    return Loaded(model, ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device), config)
 
 
 def draw(model, schedule, config, n=64, *, sampler="ddpm", steps=None, eta=None, seed=0, batch_size=128, clip=None,
