@@ -1,4 +1,4 @@
-"""Train the lecture's DDPM noise predictor on MNIST, CIFAR-10 or your own images, on CPU or GPU, alone or under torchrun.
+"""Train the lecture's DDPM noise predictor on MNIST, CIFAR-10 or your images, on CPU or GPU, alone or under torchrun.
 
     python train.py --preset quick            # a few minutes on a laptop CPU
     python train.py                           # the lecture's configuration (25 epochs, widths 64,128,256)
