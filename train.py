@@ -1,4 +1,4 @@
-"""Train the lecture's DDPM noise predictor on MNIST (or CIFAR-10), on CPU or GPU, in one process or under torchrun.
+"""Train the lecture's DDPM noise predictor on MNIST, CIFAR-10 or your images, on CPU or GPU, alone or under torchrun.
 
     python train.py --preset quick            # a few minutes on a laptop CPU
     python train.py                           # the lecture's configuration (25 epochs, widths 64,128,256)
@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -51,12 +52,13 @@ PRESETS = {
     "quick": dict(widths=[32, 64, 128], blocks_per_level=2, epochs=10, batch_size=64),
 }
 
-# Keys that define the model and the data: a resumed run must agree with its checkpoint on these.
-FIXED_ON_RESUME = ("dataset", "img_size", "channels", "widths", "blocks_per_level", "time_emb_dim", "timesteps",
+# Keys that define the model and the data: a resumed run must agree with its checkpoint on these (and on the
+# images' channels, checked once the data is read: load_dataset).
+FIXED_ON_RESUME = ("dataset", "img_size", "widths", "blocks_per_level", "time_emb_dim", "timesteps",
                    "schedule", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay", "seed", "max_images",
                    "world_size")
-DERIVED_KEYS = ("channels", "world_size")  # set by the dataset and the launch, not by a flag of their own
-DATASET_CHANNELS = {"mnist": 1, "cifar10": 3}
+DERIVED_KEYS = ("world_size",)  # set by the launch, not by a flag of its own
+DATASET_CHANNELS = {"mnist": 1, "cifar10": 3}  # folder:PATH and npz:PATH take theirs from the files
 LOG_EVERY = 10  # steps between reading losses back from the device (each read is a host sync)
 
 
@@ -68,7 +70,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     unset = argparse.SUPPRESS
     parser.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration; explicit flags override it")
-    parser.add_argument("--dataset", choices=sorted(DATASET_CHANNELS), default=unset, help="default mnist")
+    parser.add_argument("--dataset", type=arguments.dataset_type(sorted(DATASET_CHANNELS)), default=unset,
+                        help="mnist (default), cifar10, folder:PATH (your PNG files) or npz:PATH (uint8 under arr_0)")
     parser.add_argument("--epochs", type=int, default=unset, help="default 25 (the lecture)")
     parser.add_argument("--batch-size", type=int, default=unset, help="per process; default 128 (the lecture)")
     parser.add_argument("--lr", type=float, default=unset, help="Adam learning rate; default 0.001 (the lecture)")
@@ -83,8 +86,9 @@ def build_parser():
     parser.add_argument("--seed", type=int, default=unset, help="default 0")
     parser.add_argument("--max-images", type=int, default=unset, help="train on the first N images only; 0 = all")
     parser.add_argument("--grid-samples", type=int, default=unset, help="samples in each epoch's grid, 0 = none; default 16")
-    parser.add_argument("--out", default="runs/ddpm", help="folder for checkpoint.pt, loss.csv and grids")
-    parser.add_argument("--data-dir", default="data", help="where the MNIST/CIFAR-10 files are")
+    parser.add_argument("--out", default="runs/ddpm", help="folder for config.json, checkpoint.pt, loss.csv and grids")
+    parser.add_argument("--data-dir", default="data",
+                        help="where the MNIST/CIFAR-10 files are (also a torchvision root holding MNIST/raw)")
     parser.add_argument("--download", action="store_true", help="fetch the 60,000-digit MNIST training split (or CIFAR-10)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
@@ -103,7 +107,7 @@ def parse_config(argv):
     args = parser.parse_args(argv)
     explicit = {key: value for key, value in vars(args).items() if key in DEFAULTS}
     config = {**DEFAULTS, **PRESETS.get(args.preset, {}), **explicit}
-    config["channels"] = DATASET_CHANNELS[config["dataset"]]
+    config["channels"] = DATASET_CHANNELS.get(config["dataset"])  # None until a folder's or an .npz's files are read
     problem = arguments.config_problem(config)
     if problem:
         parser.error(problem)
@@ -198,7 +202,10 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     steps_per_epoch: int = 0
     losses: list = field(default_factory=list)  # one mean loss per step, on the host
+    elapsed: list = field(default_factory=list)  # seconds of training at the end of each step, summed over resumes
     pending: list = field(default_factory=list)  # per-step losses still on the device
+    pending_times: list = field(default_factory=list)  # the clock at the end of each of those steps
+    clock_zero: float = 0.0  # the clock reading at which elapsed would be 0 (set when the loop starts)
     epoch: int = 0
     step_in_epoch: int = 0
     step: int = 0
@@ -248,6 +255,12 @@ def load_dataset(run, args):
     run.dataset = data.load_training_images(run.config, args.data_dir, args.download and run.is_main, run.log).to(run.device)
     if run.is_main:
         distributed.barrier(run.world_size)
+    channels = run.dataset.shape[1]
+    if run.config["channels"] not in (None, channels):  # a resumed folder or .npz whose files have changed
+        raise checkpoints.CheckpointError(
+            f"{run.config['dataset']} now holds {channels}-channel images, but {run.checkpoint_path} was trained on "
+            f"{run.config['channels']}-channel ones: restore the images, or start a new run in another --out")
+    run.config["channels"] = channels
     run.steps_per_epoch = len(run.dataset) // (run.config["batch_size"] * run.world_size)
     if run.steps_per_epoch == 0:
         raise runtime.ConfigError(
@@ -276,6 +289,7 @@ def restore(run, checkpoint):
     if run.ema_model is not None:
         run.ema_model.load_state_dict(checkpoint["ema"])
     run.losses, run.epoch = list(checkpoint["losses"]), checkpoint["epoch"]
+    run.elapsed = list(checkpoint.get("elapsed", [math.nan] * len(run.losses)))  # older checkpoints lack it
     run.step_in_epoch, run.step = checkpoint["step_in_epoch"], checkpoint["step"]
     run.log(f"resumed from {run.checkpoint_path} at epoch {run.epoch + 1}, step {run.step}")
 
@@ -294,6 +308,8 @@ def set_up(config, args):
                                                      run.checkpoint_path, FIXED_ON_RESUME, DERIVED_KEYS)
     run.precision = runtime.resolve_precision(args.precision, device)
     load_dataset(run, args)
+    if run.is_main:
+        run_folder.write_config(os.path.join(run.out, "config.json"), run.config)
     build_model_and_optimizer(run)
     if checkpoint is not None:
         restore(run, checkpoint)
@@ -317,6 +333,7 @@ def train_one_step(run, order):
     lr = learning_rate(run.step, config["lr"], config["warmup_steps"])
     run.pending.append(train_step(run.trained_model, run.optimizer, x0, t, noise, run.schedule, lr,
                                   config["grad_clip"], run.device, run.precision))
+    run.pending_times.append(time.perf_counter())
     if run.ema_model is not None:
         update_ema(run.ema_model, run.model, ema_decay_at(run.step, config["ema_decay"]))
     run.step += 1
@@ -324,16 +341,19 @@ def train_one_step(run, order):
 
 
 def flush_losses(run):
-    """Move pending losses to run.losses (averaged over ranks); return the first non-finite step, or None."""
+    """Move pending losses to run.losses (averaged over ranks) and their times to run.elapsed; return the first
+    non-finite step, or None."""
     if not run.pending:
         return None
     values = distributed.mean_over_ranks(torch.stack(run.pending).float(), run.world_size).cpu().tolist()
-    first_step = run.step - len(run.pending)
+    first_step, times = run.step - len(run.pending), list(run.pending_times)
     run.pending.clear()
-    for offset, value in enumerate(values):
+    run.pending_times.clear()
+    for offset, (value, moment) in enumerate(zip(values, times)):
         if not math.isfinite(value):
             return first_step + offset
         run.losses.append(value)
+        run.elapsed.append(moment - run.clock_zero)
     return None
 
 
@@ -341,8 +361,11 @@ def save(run):
     """Write the checkpoint at run's position and loss.csv (rank 0 only; both atomic)."""
     if run.is_main:
         checkpoints.save_checkpoint(run.checkpoint_path, checkpoints.make_checkpoint(
-            run.config, run.model, run.ema_model, run.optimizer, run.epoch, run.step_in_epoch, run.step, run.losses))
-        run_folder.write_loss_log(os.path.join(run.out, "loss.csv"), run.losses, run.steps_per_epoch)
+            run.config, run.model, run.ema_model, run.optimizer, run.epoch, run.step_in_epoch, run.step, run.losses,
+            run.elapsed))
+        rates = [learning_rate(step, run.config["lr"], run.config["warmup_steps"]) for step in range(len(run.losses))]
+        run_folder.write_loss_log(os.path.join(run.out, "loss.csv"), run.losses, run.steps_per_epoch, rates,
+                                  run.elapsed)
 
 
 def diverged(run, bad_step):
@@ -409,6 +432,8 @@ def train(config, args):
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(run.config["epochs"] * run.steps_per_epoch, start=run.step, enabled=run.is_main,
                         scale=run.config["batch_size"] * run.world_size)
+    known = [seconds for seconds in run.elapsed if math.isfinite(seconds)]
+    run.clock_zero = time.perf_counter() - (known[-1] if known else 0.0)  # elapsed goes on from the checkpoint's
     try:
         while run.epoch < run.config["epochs"]:
             code = train_epoch(run, stop, progress)

@@ -4,6 +4,7 @@ Every bad value gets one line that says what was wrong and what to do, before an
 """
 import argparse
 import math
+import os
 
 import unet
 
@@ -28,6 +29,29 @@ def parse_widths(text):
     if not widths or min(widths) <= 0:
         raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
     return widths
+
+
+def dataset_type(built_in):
+    """Return the argparse type of --dataset: one of built_in, 'folder:PATH' or 'npz:PATH' (PATH made absolute).
+
+    Absolute, so that a run resumed from another working directory reads, and compares, the same files.
+    """
+    def parse_dataset(text):
+        """Return the --dataset value text names (a path made absolute); ArgumentTypeError if it names none."""
+        kind, separator, path = text.partition(":")
+        if text in built_in:
+            return text
+        if not (separator and kind in ("folder", "npz") and path):
+            raise argparse.ArgumentTypeError(f"expected {', '.join(built_in)}, folder:PATH (a folder of PNG files) "
+                                             f"or npz:PATH (uint8 images under arr_0), got {text!r}")
+        path = os.path.abspath(os.path.expanduser(path))
+        if kind == "folder" and not os.path.isdir(path):
+            raise argparse.ArgumentTypeError(f"{text}: there is no folder {path}")
+        if kind == "npz" and not os.path.isfile(path):
+            raise argparse.ArgumentTypeError(f"{text}: there is no file {path}")
+        return f"{kind}:{path}"
+
+    return parse_dataset
 
 
 def config_problem(config):

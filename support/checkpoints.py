@@ -1,4 +1,5 @@
-"""Checkpoints: what train.py saves after every epoch (and on Ctrl-C), and what sample.py and the tools read.
+"""Checkpoints: what train.py saves after every epoch (and on Ctrl-C), what sample.py and the tools read, and the
+weights alone that sample.py --export writes for other projects.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written atomically
 (files.write_atomically) and read with torch.load(..., weights_only=True), which refuses any pickle that would
@@ -17,14 +18,21 @@ CHECKPOINT_FORMAT = "ddpm-noise-prediction-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_KEYS = ("format", "version", "config", "model", "ema", "optimizer", "epoch", "step_in_epoch", "step",
                    "losses")
+WEIGHTS_FORMAT = "ddpm-noise-prediction-weights"
+WEIGHTS_VERSION = 1
+WEIGHTS_KEYS = ("format", "version", "config", "unet", "schedule", "img_size", "clip_x0", "state_dict")
+MODEL_KEYS = ("channels", "img_size", "widths", "blocks_per_level", "time_emb_dim", "timesteps", "schedule")
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable, untrusted or for another configuration (one-line message)."""
 
 
-def make_checkpoint(config, model, ema_model, optimizer, epoch, step_in_epoch, step, losses):
-    """Return the checkpoint dict: config, weights, EMA weights, optimizer, position (epoch, step), loss log."""
+def make_checkpoint(config, model, ema_model, optimizer, epoch, step_in_epoch, step, losses, elapsed=()):
+    """Return the checkpoint dict: config, weights, EMA weights, optimizer, position (epoch, step), loss log.
+
+    elapsed: seconds of training at the end of each step (checkpoints written before it existed lack the key).
+    """
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -36,6 +44,7 @@ def make_checkpoint(config, model, ema_model, optimizer, epoch, step_in_epoch, s
         "step_in_epoch": step_in_epoch,
         "step": step,
         "losses": list(losses),
+        "elapsed": list(elapsed),
     }
 
 
@@ -62,6 +71,11 @@ def save_checkpoint(path, checkpoint):
 
 def load_checkpoint(path, map_location="cpu"):
     """Return the checkpoint dict at path, loaded with weights_only=True; CheckpointError with one line otherwise."""
+    return checked_checkpoint(read_trusted(path, map_location), path)
+
+
+def read_trusted(path, map_location="cpu"):
+    """Return what the torch file at path holds, loaded with weights_only=True; CheckpointError with one line otherwise."""
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: check the path, or train one with train.py")
     try:
@@ -75,6 +89,11 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as error:  # torch.load reports damage as many types: truncated zip, bad magic, broken pickle
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(error).splitlines()[0][:120]}); "
                               "use another checkpoint or train again") from None
+    return checkpoint
+
+
+def checked_checkpoint(checkpoint, path):
+    """Return checkpoint (loaded from path) if it is a complete train.py checkpoint of this version; else CheckpointError."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py; pass the checkpoint.pt from a training run")
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
@@ -90,6 +109,61 @@ def sampling_weights(checkpoint):
 
 def model_from_checkpoint(checkpoint, device, precision):
     """Return the checkpoint's sampling model on device, in eval mode, in the memory format of the precision."""
-    model = runtime.build_model(checkpoint["config"])
-    model.load_state_dict(sampling_weights(checkpoint))
+    return model_from_weights(checkpoint["config"], sampling_weights(checkpoint), device, precision)
+
+
+def model_from_weights(config, state_dict, device, precision, source="the checkpoint"):
+    """Return the model config describes with state_dict loaded, on device, in eval mode and the precision's layout.
+
+    source names where config and state_dict came from, for the one-line CheckpointError if they do not fit.
+    """
+    try:
+        model = runtime.build_model(config)
+        model.load_state_dict(state_dict)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged or hand-edited file
+        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{source}: the weights do not fit the model its configuration describes ({reason}); "
+                              "use a checkpoint written by train.py or weights written by sample.py --export") from None
     return model.to(device=device, memory_format=runtime.memory_format(precision)).eval()
+
+
+def exported_weights(checkpoint):
+    """Return the export of a checkpoint: its sampling weights alone, float32 and contiguous, with the model's description.
+
+    {"format": WEIGHTS_FORMAT, "version", "state_dict": the EMA weights (else the raw ones; no optimizer),
+     "unet": unet.SimpleUnet's keyword arguments, "schedule": ddpm.Schedule.create's, "img_size",
+     "clip_x0": whether sampling clips x0 by default (the cosine schedule), "config": this project's MODEL_KEYS}.
+    Contiguous, not channels_last, so that the tensors load into any copy of unet.py as they are.
+    """
+    config = checkpoint["config"]
+    return {
+        "format": WEIGHTS_FORMAT,
+        "version": WEIGHTS_VERSION,
+        "config": {key: config[key] for key in MODEL_KEYS},
+        "unet": runtime.unet_arguments(config),
+        "schedule": {"timesteps": config["timesteps"], "schedule": config["schedule"]},
+        "img_size": config["img_size"],
+        "clip_x0": runtime.clip_x0_by_default(config["schedule"]),
+        "state_dict": {name: tensor.detach().to(device="cpu", dtype=torch.float32).clone(
+            memory_format=torch.contiguous_format) for name, tensor in sampling_weights(checkpoint).items()},
+    }
+
+
+def load_sampling_weights(path, map_location="cpu"):
+    """Return (config, state_dict) to sample with from a train.py checkpoint or a sample.py --export file at path.
+
+    Loaded with weights_only=True; anything else is a CheckpointError with one line.
+    """
+    content = read_trusted(path, map_location)
+    kind = content.get("format") if isinstance(content, dict) else None
+    if kind == CHECKPOINT_FORMAT:
+        checkpoint = checked_checkpoint(content, path)
+        return checkpoint["config"], sampling_weights(checkpoint)
+    if kind != WEIGHTS_FORMAT:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py (nor weights written by sample.py "
+                              "--export); pass the checkpoint.pt from a training run")
+    missing = [key for key in WEIGHTS_KEYS if key not in content]
+    if missing or content["version"] != WEIGHTS_VERSION:
+        raise CheckpointError(f"{path} holds exported weights of another version or incomplete (missing {missing}); "
+                              "export them again with sample.py --export")
+    return content["config"], content["state_dict"]

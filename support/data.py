@@ -1,9 +1,11 @@
-"""Training data for the DDPM: MNIST digits and CIFAR-10 images, read from their original files.
+"""Training data for the DDPM: MNIST digits and CIFAR-10 images, read from their original files, or your own images.
 
 MNIST comes as IDX files. The official 10,000-digit test split is bundled in data/ (checked by data/MD5SUMS);
-the 60,000-digit training split is downloaded on request and preferred when present.
+the 60,000-digit training split is downloaded on request and preferred when present. torchvision's layout
+(DIR/MNIST/raw, files with or without .gz) is read too.
 CIFAR-10 comes as the python tar.gz archive of pickled batches, read with an unpickler that only builds arrays.
 Downloads are atomic: a file appears under its final name only after its MD5 matched.
+Your own images: a folder of PNG files (--dataset folder:PATH) or a uint8 array in an .npz (--dataset npz:PATH).
 """
 import gzip
 import hashlib
@@ -12,12 +14,13 @@ import os
 import pickle
 import tarfile
 import urllib.request
+import zipfile
 import zlib
 
 import numpy as np
 import torch
 
-from support import files
+from support import files, images
 
 MNIST_MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -31,6 +34,7 @@ MNIST_TRAIN_MD5 = {
     "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
 }
 MNIST_IMAGE_SIZE = 28
+TORCHVISION_MNIST_FOLDER = os.path.join("MNIST", "raw")  # where torchvision.datasets.MNIST(root) keeps the files
 MNIST_CLASSES = 10
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
@@ -122,14 +126,26 @@ def _element_count(shape):
 def mnist_files(data_dir="data"):
     """Return (images_path, labels_path, split_name) of the MNIST split load_mnist reads.
 
-    split_name is "train" (60,000 digits) when both training files are in data_dir, otherwise "test"
-    (the bundled 10,000 digits).
+    split_name is "train" (60,000 digits) when both training files are found, otherwise "test" (the bundled
+    10,000 digits). Each pair is looked for in data_dir, then in data_dir/MNIST/raw (torchvision's layout), each
+    file gzip-compressed (NAME.gz, as downloaded) or not (NAME, as torchvision extracts it).
     """
-    train_paths = [os.path.join(data_dir, name) for name in MNIST_TRAIN_FILES]
-    if all(os.path.exists(path) for path in train_paths):
-        return train_paths[0], train_paths[1], "train"
+    for names, split in ((MNIST_TRAIN_FILES, "train"), (MNIST_TEST_FILES, "test")):
+        for folder in (data_dir, os.path.join(data_dir, TORCHVISION_MNIST_FOLDER)):
+            paths = [_existing_idx_file(folder, name) for name in names]
+            if all(paths):
+                return paths[0], paths[1], split
     test_paths = [os.path.join(data_dir, name) for name in MNIST_TEST_FILES]
     return test_paths[0], test_paths[1], "test"
+
+
+def _existing_idx_file(folder, gz_name):
+    """Return the path of folder/NAME.gz, else of folder/NAME (uncompressed), else None."""
+    for name in (gz_name, gz_name[:-len(".gz")]):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def load_mnist(data_dir="data"):
@@ -371,6 +387,9 @@ def to_model_tensor(images, img_size):
 
 def load_training_images(config, data_dir, download, log):
     """Return the training images as one float32 tensor (N, C, img_size, img_size) in [-1, 1]."""
+    kind, _, path = config["dataset"].partition(":")
+    if kind in FILE_DATASETS:
+        return load_own_images(kind, path, config["img_size"], config["max_images"], log)
     if config["dataset"] == "cifar10":
         if download:
             download_cifar10(data_dir)
@@ -388,3 +407,118 @@ def load_training_images(config, data_dir, download, log):
         pixels = pixels[: config["max_images"]]
     log(f"data: {len(pixels)} images from the {split} in {data_dir}/")
     return to_model_tensor(pixels, config["img_size"])
+
+
+# ----------------------------------------------------------------------------- your own images
+
+FILE_DATASETS = ("folder", "npz")  # --dataset folder:PATH, --dataset npz:PATH
+NPZ_KEY = "arr_0"  # the key np.savez gives its first array, and the one sample.py --npz writes
+
+
+def load_own_images(kind, path, img_size, max_images, log):
+    """Return float32 (N, C, img_size, img_size) in [-1, 1] from a folder of PNG files or an .npz (kind 'folder'/'npz').
+
+    Channels come from the files: 1 for greyscale, 3 for colour. max_images > 0 keeps the first max_images.
+    """
+    if kind == "folder":
+        paths, others = png_files(path)
+        paths = paths[:max_images] if max_images else paths
+        tensor = torch.cat([square_images(pixels[np.newaxis], img_size) for pixels in read_png_folder(paths)])
+        source = f"PNG files in {path}" + (f" ({others} other files ignored)" if others else "")
+    else:
+        pixels = read_npz_images(path)
+        tensor = square_images(pixels[:max_images] if max_images else pixels, img_size)
+        source = f"{NPZ_KEY} of {path}"
+    log(f"data: {len(tensor)} {'colour' if tensor.shape[1] == 3 else 'greyscale'} images from the {source}, "
+        f"centre-cropped and resized to {img_size}x{img_size}")
+    return tensor
+
+
+def png_files(folder):
+    """Return (paths, others): the .png files under folder and its subfolders, sorted, and the count of other files.
+
+    Hidden files and folders (names starting with '.') are skipped.
+    """
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder} is not a folder: --dataset folder:PATH needs a folder of PNG files")
+    paths, others = [], 0
+    for root, folders, names in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in names:
+            if name.lower().endswith(".png"):
+                paths.append(os.path.join(root, name))
+            elif not name.startswith("."):
+                others += 1
+    if not paths:
+        raise DataError(f"{folder} holds no .png files ({others} other files): save your images as PNG there")
+    return sorted(paths), others
+
+
+def read_png_folder(paths):
+    """Yield the uint8 (H, W, C) pixels of each PNG file in paths; DataError naming a file whose channels differ."""
+    first_path, first_channels = None, None
+    for path in paths:
+        pixels = read_png_image(path)
+        if first_path is None:
+            first_path, first_channels = path, pixels.shape[2]
+        elif pixels.shape[2] != first_channels:
+            kinds = {1: "greyscale", 3: "colour"}
+            raise DataError(f"{path} is {kinds[pixels.shape[2]]} but {first_path} is {kinds[first_channels]}: "
+                            f"the images of a folder must be all greyscale or all colour; convert or remove {path}")
+        yield pixels
+
+
+def read_png_image(path):
+    """Return the uint8 (H, W, C) pixels of a PNG file, C = 1 (greyscale) or 3 (colour): an alpha channel is dropped."""
+    try:
+        with open(path, "rb") as stream:
+            pixels = images.decode_png(stream.read())
+    except OSError as error:
+        raise DataError(f"{path} cannot be read ({error.strerror}): fix its permissions or remove it") from None
+    except ValueError as error:
+        raise DataError(f"{path}: {error}; save it as an 8-bit greyscale or RGB PNG, or remove it") from None
+    if pixels.ndim == 2:
+        return pixels[:, :, np.newaxis]
+    return pixels[:, :, :1] if pixels.shape[2] == 2 else pixels[:, :, :3]
+
+
+def read_npz_images(path):
+    """Return uint8 (N, H, W, C), C = 1 or 3, from arr_0 of an .npz: uint8 (N, H, W) greyscale or (N, H, W, C)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing: --dataset npz:PATH needs an .npz file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("it holds a single array (an .npy file)")
+        with archive:
+            keys = archive.files
+            array = archive[NPZ_KEY] if NPZ_KEY in keys else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise DataError(f"{path} is not a readable .npz of uint8 images ({reason}): write it with "
+                        f"np.savez(PATH, images)") from None
+    if array is None:
+        raise DataError(f"{path} has no {NPZ_KEY} (it holds {', '.join(keys) or 'nothing'}): "
+                        f"write the images with np.savez(PATH, images), which stores them under {NPZ_KEY}")
+    pixels = array[..., np.newaxis] if array.ndim == 3 else array
+    if array.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] not in (1, 3) or 0 in pixels.shape:
+        raise DataError(f"{path}: {NPZ_KEY} is {array.dtype} {array.shape}, expected uint8 (N, H, W) or "
+                        f"(N, H, W, C) with C = 1 or 3 and N, H, W > 0: convert it with .astype(np.uint8)")
+    return pixels
+
+
+def square_images(pixels, img_size):
+    """Return float32 (N, C, img_size, img_size) in [-1, 1] from uint8 (N, H, W, C): centre square, resized.
+
+    x = pixel / 127.5 - 1. The crop keeps the central min(H, W) x min(H, W) square; the resize is bilinear and
+    antialiased (as in to_model_tensor), and is skipped when that square already has img_size pixels a side.
+    """
+    scaled = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
+    height, width = scaled.shape[2:]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = scaled[:, :, top:top + side, left:left + side]
+    if side != img_size:
+        square = torch.nn.functional.interpolate(
+            square, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False).clamp(-1.0, 1.0)
+    return square.contiguous()

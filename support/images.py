@@ -2,7 +2,8 @@
 
 Depends only on numpy, the standard library (zlib, struct) and support/files.py (the atomic writer).
 The PNG writer emits the simplest valid file (8-bit grey or RGB, one IDAT, no filtering); the decoder reads
-those and any other 8-bit grey/RGB non-interlaced PNG, and is what the tests use to check the written pixels.
+those and any other 8-bit grey/RGB non-interlaced PNG, with or without alpha: it is what the tests use to check
+the written pixels and what reads a folder of the user's own images (support/user_data.py).
 """
 import struct
 import zlib
@@ -13,7 +14,8 @@ from support import files
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_COLOUR_TYPES = {1: 0, 3: 2}  # channels -> PNG colour type (0 = greyscale, 2 = truecolour RGB)
-PNG_CHANNELS = {colour_type: channels for channels, colour_type in PNG_COLOUR_TYPES.items()}
+# What the decoder reads: colour type -> channels (0 grey, 2 RGB, 4 grey + alpha, 6 RGB + alpha).
+PNG_CHANNELS = {0: 1, 2: 3, 4: 2, 6: 4}
 PNG_BIT_DEPTH = 8
 # A dark grey between grid cells: MNIST digits sit on black, so a black separator would hide the cell edges.
 GRID_PAD_VALUE = 64
@@ -92,7 +94,7 @@ def write_png(path, array):
 
 
 def decode_png(data):
-    """Return the pixels of an 8-bit greyscale or RGB non-interlaced PNG: uint8 (H, W) or (H, W, 3).
+    """Return the pixels of an 8-bit non-interlaced PNG: uint8 (H, W) grey, or (H, W, C) grey + alpha, RGB, RGBA.
 
     Checks the signature, each chunk's CRC32 and the IHDR fields; undoes the per-row filters 0-4
     (None, Sub, Up, Average, Paeth) of the PNG specification. Anything else raises ValueError.
@@ -104,8 +106,9 @@ def decode_png(data):
         ">IIBBBBB", chunks[0][1])
     if bit_depth != PNG_BIT_DEPTH or colour_type not in PNG_CHANNELS or (compression, filter_method, interlace) != (
             0, 0, 0):
-        raise ValueError(f"PNG is not 8-bit grey/RGB non-interlaced (bit depth {bit_depth}, colour type "
-                         f"{colour_type}, compression {compression}, filter {filter_method}, interlace {interlace})")
+        raise ValueError(f"PNG is not 8-bit grey/RGB (with or without alpha) non-interlaced (bit depth {bit_depth}, "
+                         f"colour type {colour_type}, compression {compression}, filter {filter_method}, "
+                         f"interlace {interlace})")
     channels = PNG_CHANNELS[colour_type]
     try:
         filtered = zlib.decompress(b"".join(payload for chunk_type, payload in chunks if chunk_type == b"IDAT"))

@@ -1,4 +1,7 @@
-"""The run folder (--out) of train.py: claimed before any work, checkpoint.pt and loss.csv written atomically."""
+"""The run folder (--out) of train.py: claimed before any work; config.json, checkpoint.pt and loss.csv written
+atomically."""
+import json
+import math
 import os
 
 from support import files
@@ -20,7 +23,18 @@ def prepare_output(args, checkpoint_path):
             "or choose another --out")
 
 
-def write_loss_log(path, losses, steps_per_epoch):
-    """Write loss.csv: one row per step, 'step,epoch,loss', the loss as Python's exact repr (atomic)."""
-    rows = ["step,epoch,loss"] + [f"{step},{step // steps_per_epoch},{loss!r}" for step, loss in enumerate(losses)]
+def write_config(path, config):
+    """Write config.json: the run's configuration as indented JSON, for people to read (atomic)."""
+    files.write_bytes_atomically(path, (json.dumps(config, indent=2) + "\n").encode())
+
+
+def write_loss_log(path, losses, steps_per_epoch, learning_rates, elapsed):
+    """Write loss.csv: one row per step, 'step,epoch,loss,lr,elapsed_s' (atomic).
+
+    The loss and the learning rate as Python's exact repr; elapsed_s, the seconds of training at the end of the
+    step (summed over resumes) to the millisecond, is empty where unknown (steps of an older checkpoint).
+    """
+    rows = ["step,epoch,loss,lr,elapsed_s"] + [
+        f"{step},{step // steps_per_epoch},{loss!r},{rate!r},{f'{seconds:.3f}' if math.isfinite(seconds) else ''}"
+        for step, (loss, rate, seconds) in enumerate(zip(losses, learning_rates, elapsed))]
     files.write_bytes_atomically(path, ("\n".join(rows) + "\n").encode())

@@ -10,8 +10,8 @@ import torch
 import unet
 
 
-class ConfigError(Exception):
-    """A request the hardware or the data cannot serve (one-line message)."""
+class ConfigError(ValueError):
+    """A request the hardware, the data or the model cannot serve (one-line message)."""
 
 
 def available_devices():
@@ -96,11 +96,16 @@ def memory_format(precision):
     return torch.channels_last if precision == "bf16" else torch.contiguous_format
 
 
+def unet_arguments(config):
+    """Return the keyword arguments of unet.SimpleUnet for a configuration (image channels, widths, blocks, time embedding)."""
+    return {
+        "image_channels": config["channels"],
+        "widths": list(config["widths"]),
+        "time_emb_dim": config["time_emb_dim"],
+        "blocks_per_level": config["blocks_per_level"],
+    }
+
+
 def build_model(config):
-    """Return the SimpleUnet that a configuration describes (image channels, widths, blocks, time embedding)."""
-    return unet.SimpleUnet(
-        image_channels=config["channels"],
-        widths=tuple(config["widths"]),
-        time_emb_dim=config["time_emb_dim"],
-        blocks_per_level=config["blocks_per_level"],
-    )
+    """Return the SimpleUnet that a configuration describes (unet_arguments)."""
+    return unet.SimpleUnet(**unet_arguments(config))

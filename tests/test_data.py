@@ -30,6 +30,8 @@ png_pixels = st.one_of(
 # Few distinct values make the Paeth predictor's ties (left before up before up-left) common.
 filterable_pixels = hnp.arrays(np.uint8, st.tuples(st.integers(1, 7), st.integers(1, 7), st.sampled_from([1, 3])),
                                elements=st.one_of(st.integers(0, 3), st.integers(0, 255)))
+alpha_pixels = hnp.arrays(np.uint8, st.tuples(st.integers(1, 7), st.integers(1, 7), st.sampled_from([2, 4])),
+                         elements=st.one_of(st.integers(0, 3), st.integers(0, 255)))
 png_filter_types = st.lists(st.integers(0, 4), min_size=7, max_size=7)
 grid_layouts = st.tuples(
     st.integers(1, 7),  # number of images
@@ -141,7 +143,8 @@ def cifar_archive_members(batches):
 
 
 def png_with_filters(pixels, filter_types):
-    """Return PNG bytes of uint8 (H, W, C) pixels, row y filtered with filter_types[y] (PNG spec, section 9)."""
+    """Return PNG bytes of uint8 (H, W, C) pixels (C = 1, 2, 3, 4: grey, grey + alpha, RGB, RGBA), row y filtered
+    with filter_types[y] (PNG spec, section 9)."""
     height, width, channels = pixels.shape
     rows = pixels.reshape(height, width * channels).astype(np.int32)
     scanlines = []
@@ -156,7 +159,7 @@ def png_with_filters(pixels, filter_types):
                          np.where(to_above <= to_up_left, above, up_left))
         predictor = [0, left, above, (left + above) // 2, paeth][filter_types[y]]
         scanlines.append(bytes([filter_types[y]]) + ((raw - predictor) % 256).astype(np.uint8).tobytes())
-    header = struct.pack(">IIBBBBB", width, height, 8, {1: 0, 3: 2}[channels], 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, height, 8, {1: 0, 2: 4, 3: 2, 4: 6}[channels], 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
             + png_chunk(b"IDAT", zlib.compress(b"".join(scanlines))) + png_chunk(b"IEND", b""))
 
@@ -605,6 +608,21 @@ def test_decode_png_undoes_every_row_filter(pixels, filter_types):
     """Rows filtered with None, Sub, Up, Average or Paeth (PNG spec, section 9) decode to the original pixels."""
     decoded = images.decode_png(png_with_filters(pixels, filter_types))
     np.testing.assert_array_equal(decoded.reshape(pixels.shape), pixels)
+
+
+@given(pixels=alpha_pixels, filter_types=png_filter_types)
+def test_decode_png_reads_grey_and_rgb_with_alpha_under_every_row_filter(pixels, filter_types):
+    """Colour types 4 (grey + alpha) and 6 (RGBA) decode to (H, W, 2) and (H, W, 4), whatever the row filters."""
+    np.testing.assert_array_equal(images.decode_png(png_with_filters(pixels, filter_types)), pixels)
+
+
+def test_decode_png_refuses_palette_and_16_bit_images_with_one_line():
+    """A palette image (colour type 3) or 16 bits per sample: ValueError naming the bit depth and colour type."""
+    for bit_depth, colour_type in ((8, 3), (16, 2)):
+        header = struct.pack(">IIBBBBB", 1, 1, bit_depth, colour_type, 0, 0, 0)
+        png = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IEND", b"")
+        with pytest.raises(ValueError, match=f"bit depth {bit_depth}, colour type {colour_type}"):
+            images.decode_png(png)
 
 
 @pytest.mark.parametrize("bad", [np.zeros((2, 2), dtype=np.float32), np.zeros((2, 2, 2), dtype=np.uint8),

@@ -273,7 +273,8 @@ def test_torchrun_run_prints_and_writes_from_rank_0_only(two_epoch_run):
     assert paths_in(rank1["written"], out_dir) == []
     assert "2 process(es)" in rank0["stdout"] and "done: 2 epochs, 8 steps" in rank0["stdout"]
     assert process.stdout.count("done: 2 epochs") == 1
-    assert sorted(os.listdir(out_dir)) == ["checkpoint.pt", "loss.csv", "samples_epoch_001.png", "samples_epoch_002.png"]
+    assert sorted(os.listdir(out_dir)) == ["checkpoint.pt", "config.json", "loss.csv", "samples_epoch_001.png",
+                                          "samples_epoch_002.png"]
     rank0_writes = paths_in(rank0["written"], out_dir)
     for epoch in (1, 2):
         assert rank0_writes.count(str(out_dir / f"samples_epoch_{epoch:03d}.png")) == 1

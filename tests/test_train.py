@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on tiny configurations: checkpoints, grids, logs, resume, PNG and .npz output."""
 import csv
+import json
 import math
 
 import numpy as np
@@ -70,6 +71,48 @@ def test_resume_continues_from_the_checkpoint(trained_run, tmp_path, capsys):
     assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 18
 
 
+def test_config_json_is_written_at_the_start_as_the_checkpoints_configuration(tmp_path, monkeypatch):
+    """config.json exists before the first step is taken, and holds the configuration the checkpoint records."""
+    seen_at_first_epoch = []
+    original = train.train_epoch
+
+    def train_epoch_checking_config(run, stop, progress):
+        seen_at_first_epoch.append((tmp_path / "config.json").exists())
+        return original(run, stop, progress)
+
+    monkeypatch.setattr(train, "train_epoch", train_epoch_checking_config)
+    assert run_train(tmp_path, "--epochs", "1", "--grid-samples", "0") == 0
+    assert seen_at_first_epoch == [True]
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written == checkpoints.load_checkpoint(str(tmp_path / "checkpoint.pt"))["config"]
+    assert written["channels"] == 1 and written["widths"] == [8, 16] and written["dataset"] == "mnist"
+
+
+def test_loss_log_holds_the_learning_rate_and_elapsed_seconds_of_each_step(trained_run):
+    """loss.csv: step, epoch, loss, lr (the warm-up's lr * (step + 1) / 100), elapsed_s (increasing, as checkpointed)."""
+    with open(trained_run / "loss.csv") as stream:
+        rows = list(csv.DictReader(stream))
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "elapsed_s"]
+    assert [float(row["lr"]) for row in rows] == [train.learning_rate(step, 1e-3, 100) for step in range(12)]
+    seconds = [float(row["elapsed_s"]) for row in rows]
+    assert seconds == sorted(seconds) and seconds[0] > 0
+    checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    assert seconds == [round(value, 3) for value in checkpoint["elapsed"]]
+
+
+def test_a_checkpoint_without_elapsed_times_still_resumes(trained_run, tmp_path):
+    """A checkpoint written before elapsed times were kept resumes; its steps' elapsed_s are empty, the new ones not."""
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    del checkpoint["elapsed"]
+    checkpoints.save_checkpoint(str(out / "checkpoint.pt"), checkpoint)
+    assert run_train(out, "--resume", "--epochs", "3", "--grid-samples", "0") == 0
+    with open(out / "loss.csv") as stream:
+        seconds = [row["elapsed_s"] for row in csv.DictReader(stream)]
+    assert seconds[:12] == [""] * 12 and all(float(value) > 0 for value in seconds[12:]) and len(seconds) == 18
+
+
 def test_preset_values_are_overridden_by_explicit_flags():
     """--preset quick sets its widths and epochs; an explicit --epochs wins over the preset; the rest are the lecture's."""
     config, _ = train.parse_config(["--preset", "quick", "--epochs", "3"])
@@ -99,15 +142,16 @@ def test_sample_writes_png_grid_and_npz_that_agree(trained_run, tmp_path):
 
 
 def test_sample_is_reproducible_for_a_seed_and_differs_across_seeds(trained_run, tmp_path):
-    """The same --seed gives the same images; another seed gives others (DDIM and DDPM)."""
+    """The same --seed gives the same images; another seed gives others (DDPM, fast and DDIM)."""
     def draw(seed, sampler):
         path = tmp_path / f"{sampler}{seed}.npz"
+        steps = [] if sampler == "ddpm" else ["--steps", "5"]
         assert sample.main(["--checkpoint", str(trained_run / "checkpoint.pt"), "--n", "3", "--seed", str(seed),
-                            "--sampler", sampler, "--steps", "5", "--out", str(tmp_path / "x.png"),
+                            "--sampler", sampler, *steps, "--out", str(tmp_path / "x.png"),
                             "--npz", str(path), "--device", "cpu"]) == 0
         return np.load(path)["arr_0"]
 
-    for sampler in ("ddpm", "ddim"):
+    for sampler in ("ddpm", "fast", "ddim"):
         np.testing.assert_array_equal(draw(1, sampler), draw(1, sampler))
         assert not np.array_equal(draw(1, sampler), draw(2, sampler))
 
@@ -132,6 +176,44 @@ def test_precision_auto_follows_the_hardware():
     cpu = torch.device("cpu")
     assert runtime.resolve_precision("auto", cpu) == ("bf16" if runtime.cpu_has_native_bf16() else "fp32")
     assert runtime.resolve_precision("fp32", cpu) == "fp32"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Return a function that makes torch report one CUDA GPU of the given compute capability.
+
+    torch.cuda.is_bf16_supported() is faked True at every capability, as torch reports it on a T4 or V100 too.
+    """
+    def install(capability):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+    return install
+
+
+@pytest.mark.parametrize("capability, gpu", [((7, 0), "V100"), ((7, 5), "T4, the free Colab GPU")])
+def test_precision_auto_is_fp32_on_a_gpu_that_only_emulates_bf16(fake_gpu, capability, gpu):
+    """Compute capability below 8.0: auto means fp32, although is_bf16_supported() says True there."""
+    fake_gpu(capability)
+    assert torch.cuda.is_bf16_supported()
+    assert runtime.resolve_precision("auto", torch.device("cuda:0")) == "fp32", gpu
+
+
+@pytest.mark.parametrize("capability, gpu", [((8, 0), "A100"), ((8, 6), "RTX 30xx"), ((8, 9), "RTX 40xx"),
+                                             ((9, 0), "H100")])
+def test_precision_auto_is_bf16_on_a_gpu_that_computes_it_natively(fake_gpu, capability, gpu):
+    """Compute capability 8.0 or newer: auto means bf16 autocast."""
+    fake_gpu(capability)
+    assert runtime.resolve_precision("auto", torch.device("cuda:0")) == "bf16", gpu
+
+
+def test_explicit_precision_is_kept_on_any_gpu(fake_gpu):
+    """--precision fp32 or bf16 is used as asked, whatever the capability."""
+    fake_gpu((7, 5))
+    assert runtime.resolve_precision("bf16", torch.device("cuda:0")) == "bf16"
+    fake_gpu((9, 0))
+    assert runtime.resolve_precision("fp32", torch.device("cuda:0")) == "fp32"
 
 
 def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_time(trained_run):

@@ -231,7 +231,11 @@ def draw_samples(spec, checkpoint_path, args, device, precision):
         samples = generate_without_noise(model, schedule, config, sample_args, device, precision)
         command = "experiments.ddpm_without_noise " + " ".join(flags)
     else:
-        samples, _ = sample.generate(model, schedule, config, sample_args, device, precision)
+        # x0 is clipped only where the experiment says --clip: its cosine run was measured unclipped
+        samples, _ = sample.generate(model, schedule, config, sample_args.n, sampler=sample_args.sampler,
+                                     steps=sample_args.steps, eta=sample_args.eta, seed=sample_args.seed,
+                                     batch_size=sample_args.batch_size, clip=bool(sample_args.clip),
+                                     precision=precision)
         command = "python sample.py " + " ".join(flags)
     return images.to_uint8(samples), time.perf_counter() - start, command
 
