@@ -275,6 +275,7 @@ def test_torchrun_run_prints_and_writes_from_rank_0_only(two_epoch_run):
     assert process.stdout.count("done: 2 epochs") == 1
     assert sorted(os.listdir(out_dir)) == ["checkpoint.pt", "loss.csv", "samples_epoch_001.png", "samples_epoch_002.png"]
     rank0_writes = paths_in(rank0["written"], out_dir)
+    assert str(out_dir / ".lock") in rank0_writes  # rank 0 alone holds --out
     for epoch in (1, 2):
         assert rank0_writes.count(str(out_dir / f"samples_epoch_{epoch:03d}.png")) == 1
     assert rank0_writes.count(str(out_dir / "checkpoint.pt")) == 2  # one atomic rename per epoch
