@@ -24,7 +24,7 @@ import torch
 import ddpm
 import sample
 import train
-from support import checkpoints
+from support import arguments, checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--widths", "8,16", "--img-size", "16", "--timesteps", "20", "--max-images", "48", "--batch-size", "8",
@@ -677,6 +677,14 @@ def test_bad_sample_arguments_get_an_argparse_error_before_any_work(good_run, tm
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s.png").exists()
+
+
+def test_the_checkpoint_configuration_check_knows_every_key_of_train_py():
+    """arguments.CONFIG_TYPES, which a checkpoint's configuration is checked against, holds every key of train.py's
+    configuration with the type of its default, so a new flag cannot slip past the check."""
+    assert set(arguments.CONFIG_TYPES) == set(train.DEFAULTS) | set(train.DERIVED_KEYS)
+    assert {key: type(value) for key, value in train.DEFAULTS.items()} == {
+        key: arguments.CONFIG_TYPES[key] for key in train.DEFAULTS}
 
 
 def crafted_checkpoint(good_run, path, case):
