@@ -21,7 +21,7 @@ import torch
 import ddpm
 from support import checkpoints, files, images, runtime
 from support.progress import Progress
-from support.arguments import positive_int
+from support.arguments import positive_int, seed_problem
 
 SAMPLERS = ("ddpm", "fast", "ddim")
 DEFAULT_STEPS = 50  # of 'fast' and 'ddim' (at most T)
@@ -55,18 +55,45 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.frames < 0 or args.frames == 1:
         parser.error(f"--frames must be 0 or at least 2, got {args.frames}")
-    if args.eta is not None and args.eta < 0:
-        parser.error(f"--eta must not be negative, got {args.eta}")
+    if args.eta is not None and not 0 <= args.eta <= 1:  # also refuses nan
+        parser.error(f"--eta must be a number in [0, 1] (0: deterministic, 1: DDPM's noise), got {args.eta}")
+    if seed_problem(args.seed):
+        parser.error(seed_problem(args.seed))
     if args.export and (args.out or args.npz or args.frames):
         parser.error("--export writes the weights only: drop --out, --npz and --frames (or export in another call)")
     args.out = args.out or "samples.png"
     if not args.out.lower().endswith(".png"):
         parser.error(f"--out must name a .png file, got {args.out}")
+    if args.npz is not None and not args.npz.lower().endswith(".npz"):
+        parser.error(f"--npz must name a .npz file, got {args.npz}")
+    for path in output_paths(args):
+        if os.path.realpath(path) == os.path.realpath(args.checkpoint):
+            parser.error(f"{path} is the checkpoint this run reads: write the samples under another name")
     try:
         runtime.resolve_device(args.device)
     except runtime.ConfigError as error:
         parser.error(str(error))
     return args
+
+
+def frames_path(out):
+    """Return the path of the picture of the denoising beside the grid out: OUT-frames.png."""
+    return out[:-4] + "-frames.png"
+
+
+def output_paths(args):
+    """Return the files this run writes: the exported weights, or the grid, the .npz and the frames if asked for."""
+    if args.export:
+        return [args.export]
+    return [args.out] + ([args.npz] if args.npz else []) + ([frames_path(args.out)] if args.frames else [])
+
+
+def check_outputs(args):
+    """Raise files.OutputError, naming the path and why, when an output of this run cannot be written (before any work)."""
+    for path in output_paths(args):
+        problem = files.creation_problem(path)
+        if problem:
+            raise files.OutputError(f"cannot write {path}: {problem}; choose another path")
 
 
 class SamplingProgress(Progress):
@@ -250,6 +277,7 @@ def save_npz(path, samples_uint8):
 
 def run(args):
     """Sample (or export) as the arguments ask and write the outputs; return the exit code."""
+    check_outputs(args)
     if args.export:
         return run_export(args)
     model, schedule, config = load(args.checkpoint, args.device, args.precision)
@@ -269,9 +297,8 @@ def run(args):
         save_npz(args.npz, images.to_uint8(samples))
         written.append(args.npz)
     if frames:
-        frames_path = args.out[:-4] + "-frames.png"
-        images.write_png(frames_path, frames_grid(frames))
-        written.append(frames_path)
+        images.write_png(frames_path(args.out), frames_grid(frames))
+        written.append(frames_path(args.out))
     device = next(model.parameters()).device
     steps, _ = sampler_steps_and_eta(args.sampler, args.steps, args.eta, config["timesteps"])
     print(f"{args.n} samples ({args.sampler}, {steps} steps, {runtime.resolve_precision(args.precision, device)} on "
@@ -293,8 +320,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (checkpoints.CheckpointError, runtime.ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (checkpoints.CheckpointError, runtime.ConfigError, files.OutputError, OSError) as error:
+        print(f"error: {files.error_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nerror: interrupted; nothing was written", file=sys.stderr)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 import ddpm
 import sample
 import unet
-from support import arguments, checkpoints, data, distributed, images, run_folder, runtime
+from support import arguments, checkpoints, data, distributed, files, images, run_folder, runtime
 from support.progress import Progress
 
 # The lecture's configuration; a preset or an explicit flag overrides any of these.
@@ -60,6 +60,8 @@ FIXED_ON_RESUME = ("dataset", "img_size", "widths", "blocks_per_level", "time_em
 DERIVED_KEYS = ("world_size",)  # set by the launch, not by a flag of its own
 DATASET_CHANNELS = {"mnist": 1, "cifar10": 3}  # folder:PATH and npz:PATH take theirs from the files
 LOG_EVERY = 10  # steps between reading losses back from the device (each read is a host sync)
+# Sampling starts from pure noise; above this, sqrt(alphas_cumprod[T-1]) leaves x_T visibly unlike it (warned).
+MAX_SIGNAL_AT_X_T = 0.1
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -117,7 +119,9 @@ def parse_config(argv):
         runtime.resolve_device(args.device)
     except runtime.ConfigError as error:
         parser.error(str(error))
-    args.explicit = explicit
+    preset = PRESETS.get(args.preset, {})
+    args.explicit = {**preset, **explicit}  # what this run asks for, which --resume checks against the checkpoint
+    args.origins = {key: f"--preset {args.preset}" for key in preset if key not in explicit}
     return config, args
 
 
@@ -199,6 +203,7 @@ class Run:
     model: torch.nn.Module = None
     trained_model: torch.nn.Module = None  # the DistributedDataParallel wrapper under torchrun, else model
     ema_model: torch.nn.Module = None  # None when --ema-decay 0
+    claim: run_folder.Claim = None  # rank 0's hold on --out
     optimizer: torch.optim.Optimizer = None
     steps_per_epoch: int = 0
     losses: list = field(default_factory=list)  # one mean loss per step, on the host
@@ -237,12 +242,12 @@ class StopRequest:
 
 
 def claim_output(run, args):
-    """Prepare --out on rank 0; every rank stops if rank 0 cannot (only rank 0 says why)."""
+    """Lock and prepare --out on rank 0 (run.claim); every rank stops if rank 0 cannot (only rank 0 says why)."""
     problem = None
     if run.is_main:
         try:
-            run_folder.prepare_output(args, run.checkpoint_path)
-        except checkpoints.CheckpointError as error:
+            run.claim = run_folder.prepare_output(args, run.checkpoint_path)
+        except (checkpoints.CheckpointError, files.OutputError) as error:
             problem = error
     if distributed.any_rank(problem is not None, run.world_size, run.device):
         raise problem if problem is not None else SystemExit(1)
@@ -261,6 +266,11 @@ def load_dataset(run, args):
             f"{run.config['dataset']} now holds {channels}-channel images, but {run.checkpoint_path} was trained on "
             f"{run.config['channels']}-channel ones: restore the images, or start a new run in another --out")
     run.config["channels"] = channels
+
+
+    split = data.training_split(run.config, args.data_dir)
+    checkpoints.check_resume_data(run.config, split, len(run.dataset), run.checkpoint_path)
+    run.config.update(data_split=split, num_images=len(run.dataset))
     run.steps_per_epoch = len(run.dataset) // (run.config["batch_size"] * run.world_size)
     if run.steps_per_epoch == 0:
         raise runtime.ConfigError(
@@ -283,42 +293,62 @@ def build_model_and_optimizer(run):
 
 
 def restore(run, checkpoint):
-    """Load the checkpoint's weights, EMA, optimizer, position and loss log into run."""
+    """Load the checkpoint's weights, EMA, optimizer, position and loss log into run; rewrite loss.csv from it.
+
+    loss.csv is renamed into place after the checkpoint, so a kill between the two can leave it short.
+    """
     run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    checkpoints.load_optimizer_state(run.optimizer, checkpoint, run.checkpoint_path)
     if run.ema_model is not None:
         run.ema_model.load_state_dict(checkpoint["ema"])
     run.losses, run.epoch = list(checkpoint["losses"]), checkpoint["epoch"]
     run.elapsed = list(checkpoint.get("elapsed", [math.nan] * len(run.losses)))  # older checkpoints lack it
     run.step_in_epoch, run.step = checkpoint["step_in_epoch"], checkpoint["step"]
+    if run.is_main:  # a kill between the checkpoint's rename and loss.csv's can have left the log short
+        write_losses(run)
     run.log(f"resumed from {run.checkpoint_path} at epoch {run.epoch + 1}, step {run.step}")
 
 
 def set_up(config, args):
-    """Return the Run: torchrun's place, --out claimed, the configuration (the checkpoint's on --resume), data, model."""
+    """Return the Run: torchrun's place, --out claimed, the configuration (the checkpoint's on --resume), data, model.
+
+    If anything after the claim fails, --out is released again.
+    """
     rank, world_size, local_rank = distributed.distributed_context()
     device = runtime.resolve_device(args.device, local_rank)
     distributed.init_distributed(world_size, device)
     run = Run({**config, "world_size": world_size}, args.out, device, "fp32", rank, world_size)
     claim_output(run, args)
+    try:
+        set_up_claimed(run, args)
+    except BaseException:
+        run_folder.release_output(run.claim)
+        raise
+    return run
+
+
+def set_up_claimed(run, args):
+    """Set run's configuration (the checkpoint's on --resume), data, model and position; clear --out on --force."""
     checkpoint = None
     if args.resume:
         checkpoint = checkpoints.load_checkpoint(run.checkpoint_path)
         run.config = checkpoints.check_resume_config(checkpoint["config"], run.config, args.explicit,
-                                                     run.checkpoint_path, FIXED_ON_RESUME, DERIVED_KEYS)
-    run.precision = runtime.resolve_precision(args.precision, device)
+                                                     run.checkpoint_path, FIXED_ON_RESUME, DERIVED_KEYS, args.origins)
+    run.precision = runtime.resolve_precision(args.precision, run.device)
     load_dataset(run, args)
     if run.is_main:
         run_folder.write_config(os.path.join(run.out, "config.json"), run.config)
     build_model_and_optimizer(run)
     if checkpoint is not None:
         restore(run, checkpoint)
+    if args.force and run.is_main:
+        run_folder.remove_previous_outputs(run.out)
     parameters = unet.count_parameters(run.model)
+    world_size, device = run.world_size, run.device
     batch = f"{run.config['batch_size']} x {world_size}" if world_size > 1 else f"{run.config['batch_size']}"
     run.log(f"model: SimpleUnet widths {run.config['widths']} x {run.config['blocks_per_level']} block(s), "
             f"{parameters / 1e6:.2f}M parameters | device {device} | precision {run.precision} | {world_size} "
             f"process(es) | batch {batch} | {run.steps_per_epoch} steps/epoch, {run.config['epochs']} epochs")
-    return run
 
 
 def train_one_step(run, order):
@@ -357,21 +387,27 @@ def flush_losses(run):
     return None
 
 
+def write_losses(run):
+    """Write loss.csv from run's losses and times, with each step's learning rate (atomic)."""
+    rates = [learning_rate(step, run.config["lr"], run.config["warmup_steps"]) for step in range(len(run.losses))]
+    run_folder.write_loss_log(os.path.join(run.out, "loss.csv"), run.losses, run.steps_per_epoch, rates, run.elapsed)
+
+
 def save(run):
     """Write the checkpoint at run's position and loss.csv (rank 0 only; both atomic)."""
     if run.is_main:
         checkpoints.save_checkpoint(run.checkpoint_path, checkpoints.make_checkpoint(
             run.config, run.model, run.ema_model, run.optimizer, run.epoch, run.step_in_epoch, run.step, run.losses,
             run.elapsed))
-        rates = [learning_rate(step, run.config["lr"], run.config["warmup_steps"]) for step in range(len(run.losses))]
-        run_folder.write_loss_log(os.path.join(run.out, "loss.csv"), run.losses, run.steps_per_epoch, rates,
-                                  run.elapsed)
+        write_losses(run)
 
 
 def diverged(run, bad_step):
-    """Say where the loss became non-finite (no checkpoint is written) and return exit code 1."""
+    """Say where the loss became non-finite (no checkpoint is written) and what --out holds; return exit code 1."""
+    kept = (f"The last good checkpoint stays in {run.checkpoint_path}" if os.path.exists(run.checkpoint_path)
+            else f"No checkpoint was written: {run.out} holds none")
     run.log(f"\nerror: the loss became non-finite at step {bad_step} (epoch {run.epoch + 1}); training stopped. "
-            f"The last good checkpoint stays in {run.checkpoint_path}; try a lower --lr")
+            f"{kept}; try a lower --lr")
     return 1
 
 
@@ -421,13 +457,27 @@ def end_of_epoch(run, grid_path):
     save(run)
 
 
+def warn_if_x_T_keeps_signal(run):
+    """Print a warning when x_T keeps signal, sqrt(alphas_cumprod[T-1]) > 0.1, while sampling starts from pure noise.
+
+    The linear schedule's endpoints are fixed (1e-4 to 0.02), so a small T leaves much of x0 in x_T: 0.78 at T = 50.
+    """
+    signal_left = float(run.schedule.sqrt_alphas_cumprod[-1])
+    if signal_left > MAX_SIGNAL_AT_X_T:
+        run.log(f"warning: T = {run.config['timesteps']} ({run.config['schedule']} schedule) leaves "
+                f"sqrt(alphas_cumprod[T-1]) = {signal_left:.2f} of the image in x_T, but sampling starts from pure "
+                "noise, so samples will be off; use more --timesteps (600: 0.048) or --schedule cosine")
+
+
 def train(config, args):
     """Run (or resume) a training run as configured (Algorithm 1 for every batch); return the exit code."""
     run = set_up(config, args)
     if run.epoch >= run.config["epochs"]:
         run.log(f"{run.checkpoint_path} has already trained {run.epoch} epochs; pass --epochs N with N > {run.epoch} "
                 "to train further")
+        run_folder.release_output(run.claim)
         return 0
+    warn_if_x_T_keeps_signal(run)
     stop = StopRequest()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(run.config["epochs"] * run.steps_per_epoch, start=run.step, enabled=run.is_main,
@@ -449,6 +499,7 @@ def train(config, args):
         for sig, handler in previous_handlers.items():
             signal.signal(sig, handler)
         distributed.finish_distributed(run.world_size)
+        run_folder.release_output(run.claim)
 
 
 def main(argv=None):
@@ -456,9 +507,9 @@ def main(argv=None):
     config, args = parse_config(argv)
     try:
         return train(config, args)
-    except (data.DataError, checkpoints.CheckpointError, runtime.ConfigError) as error:
+    except (data.DataError, checkpoints.CheckpointError, runtime.ConfigError, files.OutputError, OSError) as error:
         if distributed.distributed_context()[0] == 0:  # under torchrun every rank meets the same error: say it once
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {files.error_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nerror: interrupted; stopped without saving (the last checkpoint, if any, is unchanged)", file=sys.stderr)

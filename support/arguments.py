@@ -8,6 +8,18 @@ import os
 
 import unet
 
+# Seeds that both torch.Generator.manual_seed and numpy's SeedSequence take.
+SEED_LIMIT = 2**64
+# The keys of train.py's configuration (its DEFAULTS, plus channels and world_size) and the type of each value:
+# what a checkpoint's configuration must hold before anything is built from it.
+CONFIG_TYPES = {
+    "dataset": str, "epochs": int, "batch_size": int, "lr": float, "timesteps": int, "img_size": int,
+    "widths": list, "blocks_per_level": int, "time_emb_dim": int, "schedule": str, "warmup_steps": int,
+    "grad_clip": float, "ema_decay": float, "seed": int, "max_images": int, "grid_samples": int, "channels": int,
+    "world_size": int,
+}
+FINITE_KEYS = ("lr", "grad_clip", "ema_decay")
+
 
 def positive_int(text):
     """Return text as an int > 0 (an argparse type)."""
@@ -54,8 +66,42 @@ def dataset_type(built_in):
     return parse_dataset
 
 
+def is_int(value):
+    """Return True for an int that is not a bool (True would pass for 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def has_type(value, kind):
+    """Return True when value is of the configuration type kind: an int for float too, a non-empty int list."""
+    if kind is list:
+        return isinstance(value, list) and len(value) > 0 and all(is_int(item) for item in value)
+    if kind is float:
+        return is_int(value) or isinstance(value, float)
+    return is_int(value) if kind is int else isinstance(value, kind)
+
+
+def config_type_problem(config):
+    """Return a one-line description of the first key of CONFIG_TYPES that config lacks or holds as another type."""
+    for key, kind in CONFIG_TYPES.items():
+        if key not in config:
+            return f"it has no '{key}'"
+        if not has_type(config[key], kind):
+            return f"its '{key}' is {config[key]!r}, not {'a list of ints' if kind is list else 'a ' + kind.__name__}"
+    return None
+
+
+def seed_problem(seed):
+    """Return a one-line description of why seed is not a seed the generators take, or None."""
+    if not 0 <= seed < SEED_LIMIT:
+        return f"--seed must be an integer in [0, 2**64), got {seed}"
+    return None
+
+
 def config_problem(config):
     """Return a one-line description of the first invalid value in config, or None."""
+    for key in FINITE_KEYS:
+        if not math.isfinite(config[key]):
+            return f"--{key.replace('_', '-')} must be a finite number, got {config[key]}"
     positive = ("epochs", "batch_size", "lr", "img_size", "blocks_per_level", "time_emb_dim")
     for key in positive:
         if not config[key] > 0:
@@ -64,6 +110,8 @@ def config_problem(config):
         return f"--lr must be a finite learning rate, got {config['lr']}"
     if config["timesteps"] < 2:
         return f"--timesteps must be at least 2, got {config['timesteps']}"
+    if seed_problem(config["seed"]):
+        return seed_problem(config["seed"])
     if config["time_emb_dim"] % 2:
         return f"the time embedding size must be even, got {config['time_emb_dim']}"
     if not 0 <= config["ema_decay"] < 1:

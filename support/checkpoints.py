@@ -12,7 +12,8 @@ import pickle
 
 import torch
 
-from support import files, runtime
+import ddpm
+from support import arguments, files, runtime
 
 CHECKPOINT_FORMAT = "ddpm-noise-prediction-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -48,20 +49,39 @@ def make_checkpoint(config, model, ema_model, optimizer, epoch, step_in_epoch, s
     }
 
 
-def check_resume_config(checkpoint_config, config, explicit, path, fixed_keys, derived_keys):
+def check_resume_config(checkpoint_config, config, explicit, path, fixed_keys, derived_keys, origins=None):
     """Return the configuration to resume with: the checkpoint's, with epochs taken from the request if given.
 
     A flag in fixed_keys that asks for another model, data or optimisation than the checkpoint's is an error;
-    derived_keys (set by the data and the launch, not by a flag) are compared whatever the flags say.
+    derived_keys (set by the data and the launch, not by a flag) are compared whatever the flags say. origins
+    names where a requested value came from when it was not a flag of its own (e.g. '--preset quick').
     """
+    origins = origins or {}
     for key in fixed_keys:
         requested = config[key] if key in derived_keys else explicit.get(key, checkpoint_config[key])
         if requested != checkpoint_config[key]:
+            origin = f" ({origins[key]})" if key in origins else ""
             raise CheckpointError(
-                f"{path} was trained with {key}={checkpoint_config[key]}, but this run asks for {key}={requested}: "
-                "resume with the run's own settings and number of processes, or start a new run in another --out"
+                f"{path} was trained with {key}={checkpoint_config[key]}, but this run asks for {key}={requested}"
+                f"{origin}: resume with the run's own settings and number of processes, or start a new run in "
+                "another --out"
             )
     return {**checkpoint_config, "epochs": explicit.get("epochs", checkpoint_config["epochs"])}
+
+
+def check_resume_data(checkpoint_config, data_split, num_images, path):
+    """Raise CheckpointError unless the run in path was trained on the split and number of images this run reads.
+
+    Checkpoints that did not record their data (written before data_split was) are not checked.
+    """
+    if "data_split" not in checkpoint_config:
+        return
+    trained = (checkpoint_config["data_split"], checkpoint_config.get("num_images"))
+    if trained != (data_split, num_images):
+        raise CheckpointError(
+            f"{path} was trained on {trained[1]} images of the {trained[0]}, but this run reads {num_images} images "
+            f"of the {data_split}: resume with the data it was trained on (a --download adds the MNIST train split "
+            "to --data-dir), or start a new run in another --out")
 
 
 def save_checkpoint(path, checkpoint):
@@ -81,13 +101,12 @@ def read_trusted(path, map_location="cpu"):
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unsupported content"
         raise CheckpointError(
             f"{path} was refused: it holds objects other than tensors and plain data, which could run code "
-            f"({reason[:160]}); load only checkpoints written by train.py"
+            f"({first_line(error, 160)}); load only checkpoints written by train.py"
         ) from None
     except Exception as error:  # torch.load reports damage as many types: truncated zip, bad magic, broken pickle
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {str(error).splitlines()[0][:120]}); "
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt: {first_line(error)}); "
                               "use another checkpoint or train again") from None
     return checkpoint
 
@@ -99,7 +118,78 @@ def checked_checkpoint(checkpoint, path):
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing or checkpoint["version"] != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is a checkpoint of another version or incomplete (missing {missing}); train again")
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"{path} cannot be used: {problem}; use a checkpoint.pt as train.py wrote it, or train again")
     return checkpoint
+
+
+def first_line(error, limit=120):
+    """Return the first line of an exception's message, at most limit characters (its type's name if it has none)."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
+def checkpoint_problem(checkpoint):
+    """Return what makes a loaded checkpoint unusable, in a few words, or None when nothing does.
+
+    Checked before anything is built from it: the configuration (every key, its type and range), the position
+    and the loss log (one loss per step), the form of the optimizer state, weights that fit the configuration.
+    """
+    config = checkpoint["config"]
+    if not isinstance(config, dict):
+        return f"its configuration is a {type(config).__name__}, not a dict"
+    problem = arguments.config_type_problem(config) or arguments.config_problem(config)
+    if not problem and config["schedule"] not in ddpm.BETA_SCHEDULES:
+        problem = f"schedule {config['schedule']!r} is none of {sorted(ddpm.BETA_SCHEDULES)}"
+    if not problem and config["channels"] not in (1, 3):
+        problem = f"channels={config['channels']}, where images have 1 or 3"
+    if problem:
+        return f"its configuration is invalid ({problem})"
+    for key in ("epoch", "step_in_epoch", "step"):
+        if not arguments.is_int(checkpoint[key]) or checkpoint[key] < 0:
+            return f"its '{key}' is {checkpoint[key]!r}, not a count of steps or epochs"
+    losses = checkpoint["losses"]
+    if not isinstance(losses, list) or len(losses) != checkpoint["step"] or not all(
+            isinstance(loss, float) for loss in losses):
+        return f"its loss log is not one number per step for its {checkpoint['step']} steps"
+    optimizer = checkpoint["optimizer"]
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):
+        return "its optimizer state is not an optimizer's state_dict"
+    return weights_problem(checkpoint)
+
+
+def weights_problem(checkpoint):
+    """Return how the checkpoint's weights or EMA weights do not fit the network of its configuration, or None.
+
+    The network is built on the meta device: its parameter names and shapes, without memory for the weights.
+    """
+    with torch.device("meta"):
+        expected = runtime.build_model(checkpoint["config"]).state_dict()
+    if (checkpoint["ema"] is None) != (checkpoint["config"]["ema_decay"] == 0):
+        return "its EMA weights do not fit its ema_decay"
+    for key in ("model", "ema"):
+        weights = checkpoint[key]
+        if weights is None and key == "ema":
+            continue
+        if not isinstance(weights, dict) or weights.keys() != expected.keys():
+            return f"its {key} weights do not fit the network its configuration describes (other parameter names)"
+        for name, tensor in weights.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.shape != expected[name].shape:
+                shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                return (f"its {key} weights do not fit the network its configuration describes ({name} is {shape}, "
+                        f"the network's is {tuple(expected[name].shape)})")
+    return None
+
+
+def load_optimizer_state(optimizer, checkpoint, path):
+    """Load the checkpoint's optimizer state into optimizer (in place); CheckpointError when it does not fit."""
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise CheckpointError(f"{path}: its optimizer state does not fit the model ({first_line(error)}); "
+                              "train again") from None
 
 
 def sampling_weights(checkpoint):

@@ -113,6 +113,9 @@ def _read_file_bytes(path):
                         f"or restore the bundled test split with git") from None
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise DataError(f"{path} is a corrupt gzip file ({error}): {REPAIR_HINT}") from None
+    except OSError as error:  # a folder under the file's name, no permission, a read error
+        raise DataError(f"{path} cannot be read ({error.strerror or error}): it must be the data file itself; "
+                        f"{REPAIR_HINT}") from None
 
 
 def _element_count(shape):
@@ -304,6 +307,9 @@ def load_cifar10(data_dir="data"):
                 labels.append(batch_labels)
     except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise DataError(f"{path} is a corrupt archive ({error}): delete it and run with --download") from None
+    except OSError as error:  # a folder under the archive's name, no permission, a read error
+        raise DataError(f"{path} cannot be read ({error.strerror or error}): delete it and run with --download") \
+            from None
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -385,16 +391,27 @@ def to_model_tensor(images, img_size):
     return resized.clamp(-1.0, 1.0).contiguous()
 
 
+def training_split(config, data_dir):
+    """Return the name of the data load_training_images reads: 'MNIST train split', 'MNIST test split', CIFAR-10's,
+    or the --dataset value itself for your own images ('folder:PATH', 'npz:PATH')."""
+    if config["dataset"].partition(":")[0] in FILE_DATASETS:
+        return config["dataset"]
+    if config["dataset"] == "cifar10":
+        return "CIFAR-10 training set"
+    return f"MNIST {mnist_files(data_dir)[2]} split"
+
+
 def load_training_images(config, data_dir, download, log):
     """Return the training images as one float32 tensor (N, C, img_size, img_size) in [-1, 1]."""
     kind, _, path = config["dataset"].partition(":")
     if kind in FILE_DATASETS:
         return load_own_images(kind, path, config["img_size"], config["max_images"], log)
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder: pass the folder that holds the data files")
     if config["dataset"] == "cifar10":
         if download:
             download_cifar10(data_dir)
         pixels, _ = load_cifar10(data_dir)
-        split = "CIFAR-10 training set"
     else:
         if download:
             try:
@@ -402,10 +419,9 @@ def load_training_images(config, data_dir, download, log):
             except DataError as error:
                 log(f"warning: {error}")
         pixels, _ = load_mnist(data_dir)
-        split = f"MNIST {mnist_files(data_dir)[2]} split"
     if config["max_images"]:
         pixels = pixels[: config["max_images"]]
-    log(f"data: {len(pixels)} images from the {split} in {data_dir}/")
+    log(f"data: {len(pixels)} images from the {training_split(config, data_dir)} in {data_dir}/")
     return to_model_tensor(pixels, config["img_size"])
 
 

@@ -101,7 +101,13 @@ runpy.run_path(os.path.join(REPO, "train.py"), run_name="__main__")
 
 
 def torchrun(flags, record_dir, extra_env=None):
-    """Return the finished `torchrun --nproc_per_node=2 train.py FLAGS` process; each rank's record in record_dir."""
+    """Return the finished `torchrun --nproc_per_node=2 train.py FLAGS` process; each rank's record in record_dir.
+
+    No port is picked and released: --standalone binds its rendezvous store to port 0, so the OS gives each launch
+    a free port of its own, and the workers join their process group through that same store (torch 2.13, which
+    CI pins, shares it: TORCHELASTIC_USE_AGENT_STORE), so tests running beside other programs cannot collide on a
+    port.
+    """
     os.makedirs(record_dir, exist_ok=True)
     launcher = os.path.join(record_dir, "rank_recorder.py")
     with open(launcher, "w") as stream:
@@ -276,6 +282,7 @@ def test_torchrun_run_prints_and_writes_from_rank_0_only(two_epoch_run):
     assert sorted(os.listdir(out_dir)) == ["checkpoint.pt", "config.json", "loss.csv", "samples_epoch_001.png",
                                           "samples_epoch_002.png"]
     rank0_writes = paths_in(rank0["written"], out_dir)
+    assert str(out_dir / ".lock") in rank0_writes  # rank 0 alone holds --out
     for epoch in (1, 2):
         assert rank0_writes.count(str(out_dir / f"samples_epoch_{epoch:03d}.png")) == 1
     assert rank0_writes.count(str(out_dir / "checkpoint.pt")) == 2  # one atomic rename per epoch

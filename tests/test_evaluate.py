@@ -316,6 +316,17 @@ def test_unreadable_cache_is_a_one_line_error(tmp_path, mnist_dir):
         evaluate.load_or_train_classifier(mnist_dir, str(tmp_path))
 
 
+@pytest.mark.parametrize("content", ["tensor", "dict_of_other_things", "weights_of_another_network"])
+def test_foreign_cache_file_is_a_one_line_error(tmp_path, mnist_dir, content):
+    """A readable torch file under the cache's name that is not this tool's cache: reported, not traced back."""
+    foreign = {"tensor": torch.zeros(3), "dict_of_other_things": {"weights": torch.zeros(3)},
+               "weights_of_another_network": {"state_dict": {"conv1.weight": torch.zeros(2, 2)}, "split": "test",
+                                              "references": {}}}[content]
+    torch.save(foreign, evaluate.cache_path(str(tmp_path), "test"))
+    with pytest.raises(evaluate.EvaluationError, match="delete it"):
+        evaluate.load_or_train_classifier(mnist_dir, str(tmp_path))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Figures of real and degraded digits
 # ---------------------------------------------------------------------------------------------------------
@@ -374,6 +385,20 @@ def test_cli_prints_every_figure_as_json_on_the_last_line(trained, mnist_dir, tm
     assert "N=64" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_cli_json_line_is_strict_json_with_null_for_an_undefined_figure(trained, mnist_dir, tmp_path, capsys):
+    """All-white samples have no dark pixels: their dark mean is undefined, null in the JSON line (which a strict
+    parser, one that refuses NaN, reads), and NaN in the words above it."""
+    _, _, cache_dir = trained
+    path = write_npz(tmp_path / "white.npz", arr_0=np.full((4, SAMPLE_SIZE, SAMPLE_SIZE, 1), 255, dtype=np.uint8))
+    assert evaluate.main([path, "--data-dir", mnist_dir, "--cache", cache_dir]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1], parse_constant=refuse)
+    assert figures["dark_mean"] is None and figures["midtone_fraction"] == 0.0
+
+
 def bad_inputs(tmp_path):
     """Return {case: path} of sample files that evaluate.py must refuse, written into tmp_path."""
     grey = np.zeros((4, 32, 32, 1), dtype=np.uint8)
@@ -389,13 +414,14 @@ def bad_inputs(tmp_path):
         "rgb": write_npz(tmp_path / "rgb.npz", arr_0=np.zeros((4, 32, 32, 3), dtype=np.uint8)),
         "not_square": write_npz(tmp_path / "wide.npz", arr_0=np.zeros((4, 32, 28, 1), dtype=np.uint8)),
         "one_sample": write_npz(tmp_path / "one.npz", arr_0=grey[:1]),
+        "too_large": write_npz(tmp_path / "large.npz", arr_0=np.zeros((2, 600, 600, 1), dtype=np.uint8)),
     }
 
 
 BAD_INPUT_MESSAGES = {
     "missing": "not found", "not_npz": "not an .npz", "npy_not_npz": "not an .npz", "no_arr_0": "no 'arr_0'",
     "float_dtype": "dtype float32", "no_channel_axis": "shape (4, 32, 32)", "rgb": "shape (4, 32, 32, 3)",
-    "not_square": "shape (4, 32, 28, 1)", "one_sample": "at least 2",
+    "not_square": "shape (4, 32, 28, 1)", "one_sample": "at least 2", "too_large": "600x600",
 }
 
 

@@ -61,6 +61,12 @@ MIDTONE_LOW, MIDTONE_HIGH = 0.2, 0.8
 FID_RELIABLE_SAMPLES = 1000
 SAMPLES_KEY = "arr_0"
 ACCEPTED_CHANNELS = (1,)
+# The real digits are brought to the samples' size in one piece: 10,000 of them at 128x128 take 1.3 GB as float64
+# (at 600x600, 27 GiB). MNIST samples are 28 to 64 pixels wide; larger ones are refused with a line, not an
+# allocation failure.
+MAX_IMAGE_SIZE = 128
+CACHE_KEYS = ("state_dict", "split", "heldout_accuracy", "train_seconds", "train_digits", "heldout_digits", "epochs",
+              "references")
 
 
 class EvaluationError(Exception):
@@ -227,6 +233,24 @@ def save_cache(path, cache):
     files.write_atomically(path, lambda stream: torch.save(cache, stream))
 
 
+def load_cache(path):
+    """Return (model, cache) from the cache file at path; EvaluationError when it is unreadable or not this tool's."""
+    try:
+        cache = torch.load(path, weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise EvaluationError(f"classifier cache {path} is unreadable ({error}): delete it to retrain") from None
+    foreign = f"classifier cache {path} is not a cache of this tool's LeNet v{CLASSIFIER_VERSION}"
+    if not isinstance(cache, dict) or any(key not in cache for key in CACHE_KEYS) or not isinstance(
+            cache["references"], dict) or not isinstance(cache["state_dict"], dict):
+        raise EvaluationError(f"{foreign} (it lacks the expected entries): delete it to retrain")
+    model = LeNet()
+    try:
+        model.load_state_dict(cache["state_dict"])
+    except (RuntimeError, KeyError, TypeError) as error:
+        raise EvaluationError(f"{foreign} ({' '.join(str(error).split())[:160]}): delete it to retrain") from None
+    return model.eval(), cache
+
+
 def load_or_train_classifier(data_dir, cache_dir, epochs=TRAIN_EPOCHS):
     """Return (model, cache): the cached LeNet of this data split, trained and cached first if absent.
 
@@ -236,13 +260,7 @@ def load_or_train_classifier(data_dir, cache_dir, epochs=TRAIN_EPOCHS):
     train_images, train_labels, heldout_images, heldout_labels, split_name = classifier_split(data_dir)
     path = cache_path(cache_dir, split_name)
     if os.path.exists(path):
-        try:
-            cache = torch.load(path, weights_only=True)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
-            raise EvaluationError(f"classifier cache {path} is unreadable ({error}): delete it to retrain") from None
-        model = LeNet()
-        model.load_state_dict(cache["state_dict"])
-        return model.eval(), cache
+        return load_cache(path)
     started = time.perf_counter()
     model = train_classifier(train_images, train_labels, epochs=epochs)
     cache = {
@@ -405,6 +423,10 @@ def load_samples(path):
     if samples.ndim != 4 or samples.shape[1] != samples.shape[2] or samples.shape[3] not in ACCEPTED_CHANNELS:
         raise EvaluationError(f"{path}: '{SAMPLES_KEY}' has shape {samples.shape}, expected (N, S, S, 1) "
                               f"grey MNIST samples: {hint}")
+    if samples.shape[1] > MAX_IMAGE_SIZE:
+        raise EvaluationError(f"{path} holds {samples.shape[1]}x{samples.shape[2]} samples; this evaluation takes "
+                              f"at most {MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} (the real digits are compared at the "
+                              "samples' size): sample at the size the model was trained at")
     if samples.shape[0] < 2:
         raise EvaluationError(f"{path} holds {samples.shape[0]} sample(s), FID needs at least 2 "
                               f"(and >= {FID_RELIABLE_SAMPLES} to be trustworthy): sample more images")
@@ -468,8 +490,14 @@ def main(argv=None):
     figures.update(classifier_version=CLASSIFIER_VERSION, reference_split=cache["split"],
                    classifier_heldout_accuracy=cache["heldout_accuracy"])
     print(format_report(figures, cache))
-    print(json.dumps(figures))
+    print(json.dumps(strict_json_values(figures), allow_nan=False))
     return 0
+
+
+def strict_json_values(figures):
+    """Return figures with every non-finite float (an undefined figure, NaN) replaced by None: null in strict JSON."""
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in figures.items()}
 
 
 if __name__ == "__main__":
