@@ -1,13 +1,13 @@
 """DDPM as regression on the added noise: the lecture's math, one function per formula.
 
-Reads in the order of the lecture: schedule -> forward process -> the noise derivation ->
-posterior -> reverse step -> sampling loop -> loss. Beyond the lecture, kept next to it:
-the cosine schedule (Nichol and Dhariwal, 2021) and the deterministic DDIM sampler (Song et al., 2021).
+Reads in the order of the lecture: schedule -> forward process -> the noise derivation -> posterior ->
+reverse step -> sampling loop -> loss. After the loss, in a section marked as beyond the lecture:
+the cosine schedule (Nichol and Dhariwal, 2021) and the DDIM sampler (Song et al., 2021).
 
 Indexing: the code's t = 0 .. T-1 is the paper's t = 1 .. T (Ho et al., 2020). So
 alphas_cumprod[t] = prod_{i <= t} (1 - betas[i]) and alphas_cumprod_prev[0] = 1 stands for abar_0 = 1.
 
-Only torch and math are imported: copy this file alone into another project.
+Only torch, math and the standard library are imported: copy this file alone into another project.
 """
 import math
 from dataclasses import dataclass, fields
@@ -29,24 +29,6 @@ def linear_beta_schedule(timesteps, start=0.0001, end=0.02):
     if not 0.0 < start < end < 1.0:
         raise ValueError(f"need 0 < start < end < 1 for a linear schedule, got start={start}, end={end}")
     return torch.linspace(start, end, timesteps, dtype=torch.float64)
-
-
-def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
-    """Return the cosine noise schedule of Nichol and Dhariwal (2021), float64, shape (timesteps,).
-
-    f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2),  abar(t) = f(t) / f(0),  t = 0 .. T
-    betas[t] = min(1 - abar(t + 1) / abar(t), max_beta)
-    so that alphas_cumprod[t] = abar(t + 1) (up to the clipping, which only bites near t = T).
-    """
-    if timesteps < 2:
-        raise ValueError(f"timesteps must be at least 2, got {timesteps}")
-    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
-    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    abar = f / f[0]
-    return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
-
-
-BETA_SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
 
 
 @dataclass(frozen=True)
@@ -139,12 +121,17 @@ def forward_diffusion_sample(x0, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_c
     """Return (x_t, noise): a draw from q(x_t | x0) in closed form, and the noise that made it.
 
     x_t = sqrt(abar_t) * x0 + sqrt(1 - abar_t) * eps,   eps ~ N(0, I)      (Ho et al., eq. 4)
+    The signature is the lecture's forward_diffusion_sample(x_0, t): the two tables its notebook reads
+    from globals are passed in, not a Schedule as everywhere else here, so the notebook's calls carry over.
     """
     if noise is None:
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     sqrt_alphas_cumprod_t = get_index_from_list(sqrt_alphas_cumprod, t, x0.shape).to(x0.dtype)
     sqrt_one_minus_alphas_cumprod_t = get_index_from_list(sqrt_one_minus_alphas_cumprod, t, x0.shape).to(x0.dtype)
     return sqrt_alphas_cumprod_t * x0 + sqrt_one_minus_alphas_cumprod_t * noise, noise
+
+
+# ----------------------------------------------------------------------------- the noise derivation
 
 
 def noise_from_x0(x_t, t, x0, schedule):
@@ -216,7 +203,10 @@ def sample_timestep(model, x, t, schedule, noise=None, clip_x0=False, generator=
               x0_hat = (x_t - sqrt(1 - abar_t) * eps_theta) / sqrt(abar_t)
     x_{t-1} = mean + sqrt(posterior_variance_t) * z   for t > 0,   z ~ N(0, I)
     x_{t-1} = mean                                     for t = 0
-    A mask replaces the lecture's `if t == 0`, so a batch may mix timesteps.
+    A mask replaces the lecture's `if t == 0`, so a batch may mix timesteps. With this file's tables the
+    mask changes no number (posterior_variance[0] = 0 already); it keeps x_0 free of noise for any variance
+    table, e.g. Ho et al.'s other choice sigma_t^2 = beta_t, whose value at t = 0 is not 0.
+    z is drawn at t = 0 too, so every step takes one draw from the generator.
     """
     t = timestep_batch(t, x.shape[0], x.device)
     predicted_noise = model(x, t).to(x.dtype)
@@ -232,13 +222,19 @@ def sample_timestep(model, x, t, schedule, noise=None, clip_x0=False, generator=
     return mean + nonzero_mask * torch.sqrt(posterior_variance_t) * noise
 
 
-def frame_steps(timesteps, num_frames):
-    """Return the timesteps after which a frame is kept: num_frames values evenly spaced over T-1 .. 0, 0 last."""
-    if num_frames <= 0:
-        return set()
+# ----------------------------------------------------------------------------- sampling loop
+
+
+def frame_positions(num_steps, num_frames):
+    """Return the steps (0 = the first, num_steps - 1 = the one that gives x_0) after which a sampler keeps a frame.
+
+    position_k = round(k * (num_steps - 1) / (num_frames - 1)),  k = 0 .. num_frames - 1
+    evenly spaced from the first step to the last; one frame is x_0 alone; no frames for num_frames <= 0.
+    min(num_frames, num_steps) distinct positions: asking for more frames than steps keeps every step.
+    """
     if num_frames == 1:
-        return {0}
-    return {round((timesteps - 1) * (1 - k / (num_frames - 1))) for k in range(num_frames)}
+        return {num_steps - 1}
+    return {round(k * (num_steps - 1) / (num_frames - 1)) for k in range(num_frames)}
 
 
 @torch.no_grad()
@@ -246,79 +242,20 @@ def sample(model, schedule, shape, generator=None, clip_x0=False, num_frames=0, 
     """Return (x0, frames): images drawn by the reverse process from pure noise (Ho et al., Algorithm 2).
 
     x_T ~ N(0, I);  for t = T-1 .. 0:  x_{t-1} = sample_timestep(model, x_t, t)
-    frames: num_frames snapshots of x_{t-1} from the first step to x_0 (empty when num_frames = 0).
+    frames: the x after each step in frame_positions(T, num_frames), from the first step to x_0.
     callback(step, total), when given, is called after each step (a progress line).
     The caller chooses model.eval() and any autocast; the schedule must be on x's device.
     """
     device = schedule.betas.device
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-    keep = frame_steps(schedule.timesteps, num_frames)
+    keep = frame_positions(schedule.timesteps, num_frames)
     frames = []
     for step, t in enumerate(reversed(range(schedule.timesteps))):
         x = sample_timestep(model, x, t, schedule, clip_x0=clip_x0, generator=generator)
-        if t in keep:
+        if step in keep:
             frames.append(x.clone())
         if callback is not None:
             callback(step + 1, schedule.timesteps)
-    return x, frames
-
-
-# ----------------------------------------------------------------------------- DDIM (beyond the lecture)
-
-
-def ddim_timesteps(timesteps, steps):
-    """Return the DDIM sub-sequence tau: `steps` timesteps evenly spaced over 0 .. T-1, increasing, distinct."""
-    if not 1 <= steps <= timesteps:
-        raise ValueError(f"DDIM steps must be between 1 and the schedule's {timesteps} timesteps, got {steps}")
-    return torch.linspace(0, timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
-
-
-@torch.no_grad()
-def ddim_step(model, x, t, t_prev, schedule, eta=0.0, noise=None, clip_x0=False, generator=None):
-    """Return x_{t_prev}: one DDIM update from x = x_t to an earlier timestep t_prev (t_prev = -1 means x_0).
-
-    eps = model(x_t, t),  x0_hat = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)
-    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
-    x_prev = sqrt(abar_prev) * x0_hat + sqrt(1 - abar_prev - sigma^2) * eps + sigma * z    (Song et al., eq. 12)
-    with abar_prev = 1 at t_prev = -1. eta = 0 is deterministic; eta = 1 over all T steps is DDPM.
-    """
-    t_batch = timestep_batch(t, x.shape[0], x.device)
-    predicted_noise = model(x, t_batch).to(x.dtype)
-    alphas_cumprod_t = schedule.alphas_cumprod[t].to(x.dtype)
-    alphas_cumprod_prev = schedule.alphas_cumprod[t_prev].to(x.dtype) if t_prev >= 0 else torch.ones_like(alphas_cumprod_t)
-    x0 = predict_x0_from_noise(x, t_batch, predicted_noise, schedule)
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
-        predicted_noise = (x - torch.sqrt(alphas_cumprod_t) * x0) / torch.sqrt(1 - alphas_cumprod_t)
-    sigma = eta * torch.sqrt((1 - alphas_cumprod_prev) / (1 - alphas_cumprod_t) * (1 - alphas_cumprod_t / alphas_cumprod_prev))
-    direction = torch.sqrt((1 - alphas_cumprod_prev - sigma**2).clamp(min=0)) * predicted_noise
-    x_prev = torch.sqrt(alphas_cumprod_prev) * x0 + direction
-    if eta > 0:
-        if noise is None:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x_prev = x_prev + sigma * noise
-    return x_prev
-
-
-@torch.no_grad()
-def ddim_sample(model, schedule, shape, steps=50, eta=0.0, generator=None, clip_x0=False, num_frames=0, x_T=None,
-                callback=None):
-    """Return (x0, frames): images drawn with DDIM over `steps` timesteps of the schedule.
-
-    x_T ~ N(0, I);  for tau_i in reversed(tau):  x = ddim_step(x, tau_i, tau_{i-1})   (tau_{-1} = -1)
-    """
-    device = schedule.betas.device
-    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
-    taus = ddim_timesteps(schedule.timesteps, steps)
-    keep_positions = {round((len(taus) - 1) * k / max(num_frames - 1, 1)) for k in range(num_frames)}
-    frames = []
-    for position, index in enumerate(reversed(range(len(taus)))):
-        t_prev = taus[index - 1] if index > 0 else -1
-        x = ddim_step(model, x, taus[index], t_prev, schedule, eta=eta, clip_x0=clip_x0, generator=generator)
-        if position in keep_positions:
-            frames.append(x.clone())
-        if callback is not None:
-            callback(position + 1, len(taus))
     return x, frames
 
 
@@ -343,3 +280,92 @@ def get_loss(model, x0, schedule, t=None, noise=None, generator=None):
     )
     predicted_noise = model(x_t, t)
     return F.mse_loss(predicted_noise.float(), noise.float())
+
+
+# =============================================================================
+# Beyond the lecture: the cosine schedule and the DDIM sampler.
+# Nothing above depends on what follows, except Schedule.create's lookup in BETA_SCHEDULES.
+# =============================================================================
+
+
+def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
+    """Return the cosine noise schedule of Nichol and Dhariwal (2021), float64, shape (timesteps,).
+
+    f(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2),  abar(t) = f(t) / f(0),  t = 0 .. T
+    betas[t] = min(1 - abar(t + 1) / abar(t), max_beta) = min(1 - f(t + 1) / f(t), max_beta)   (f(0) cancels)
+    so that alphas_cumprod[t] = abar(t + 1) (up to the clipping, which only bites near t = T).
+    """
+    if timesteps < 2:
+        raise ValueError(f"timesteps must be at least 2, got {timesteps}")
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+BETA_SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+
+
+def ddim_timesteps(timesteps, steps):
+    """Return the DDIM sub-sequence tau: `steps` distinct timesteps, increasing, the last always T-1.
+
+    tau_k = round(k * (T - 1) / (steps - 1)),  k = 0 .. steps - 1   (0 first and T-1 last)
+    tau = [T - 1] for one step: x_T is pure noise only at t = T-1, so every chain must start there.
+    """
+    if not 1 <= steps <= timesteps:
+        raise ValueError(f"DDIM steps must be between 1 and the schedule's {timesteps} timesteps, got {steps}")
+    if steps == 1:
+        return [timesteps - 1]
+    return [round(k * (timesteps - 1) / (steps - 1)) for k in range(steps)]
+
+
+@torch.no_grad()
+def ddim_step(model, x, t, t_prev, schedule, eta=0.0, noise=None, clip_x0=False, generator=None):
+    """Return x_{t_prev}: one DDIM update from x = x_t to an earlier timestep t_prev (t_prev = -1 means x_0).
+
+    eps = model(x_t, t),  x0_hat = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)
+    with clip_x0: x0_hat = clamp(x0_hat, -1, 1) and eps = (x_t - sqrt(abar_t) * x0_hat) / sqrt(1 - abar_t)
+    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
+    x_prev = sqrt(abar_prev) * x0_hat + sqrt(max(1 - abar_prev - sigma^2, 0)) * eps + sigma * z   (Song et al., eq. 12)
+    abar_prev = alphas_cumprod_prev[t_prev + 1], so abar_prev = 1 at t_prev = -1.
+    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step; where sigma^2 > 1 - abar_prev
+    (possible for eta > 1) the eps direction is dropped. z is drawn even when sigma = 0: one draw per step,
+    as in sample_timestep.
+    """
+    t_batch = timestep_batch(t, x.shape[0], x.device)
+    predicted_noise = model(x, t_batch).to(x.dtype)
+    x0 = predict_x0_from_noise(x, t_batch, predicted_noise, schedule)
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        predicted_noise = noise_from_x0(x, t_batch, x0, schedule)
+    alphas_cumprod_t = schedule.alphas_cumprod[t].to(x.dtype)
+    alphas_cumprod_prev = schedule.alphas_cumprod_prev[t_prev + 1].to(x.dtype)
+    sigma = eta * torch.sqrt(
+        (1 - alphas_cumprod_prev) / (1 - alphas_cumprod_t) * (1 - alphas_cumprod_t / alphas_cumprod_prev)
+    )
+    direction = torch.sqrt((1 - alphas_cumprod_prev - sigma**2).clamp(min=0)) * predicted_noise
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.sqrt(alphas_cumprod_prev) * x0 + direction + sigma * noise
+
+
+@torch.no_grad()
+def ddim_sample(model, schedule, shape, steps=50, eta=0.0, generator=None, clip_x0=False, num_frames=0, x_T=None,
+                callback=None):
+    """Return (x0, frames): images drawn with DDIM over `steps` timesteps of the schedule.
+
+    x_T ~ N(0, I);  for tau_k in reversed(tau):  x = ddim_step(x, tau_k, tau_{k-1})   (tau_{-1} = -1: x_0)
+    frames and callback as in `sample`, over the `steps` steps.
+    """
+    device = schedule.betas.device
+    x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
+    taus = ddim_timesteps(schedule.timesteps, steps)
+    previous_taus = [-1] + taus[:-1]
+    keep = frame_positions(len(taus), num_frames)
+    frames = []
+    for step, (t, t_prev) in enumerate(zip(reversed(taus), reversed(previous_taus))):
+        x = ddim_step(model, x, t, t_prev, schedule, eta=eta, clip_x0=clip_x0, generator=generator)
+        if step in keep:
+            frames.append(x.clone())
+        if callback is not None:
+            callback(step + 1, len(taus))
+    return x, frames

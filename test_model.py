@@ -1,5 +1,6 @@
 """Tests of unet.py: shapes, the timestep embedding, that t and every parameter are used, the full-resolution skip,
-the image-size check, that the network can fit a batch, and bfloat16 autocast with channels_last.
+that an image's prediction does not depend on the rest of its batch, the image-size check, that the network can fit
+a batch, and bfloat16 autocast with channels_last.
 
 Tiny widths and small images keep the file fast on two CPU cores; the properties do not depend on size.
 """
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -300,15 +301,18 @@ def test_gradient_check_catches_a_time_projection_that_is_never_used():
 
 @settings(max_examples=15)
 @given(st.integers(0, 31), st.integers(0, 31), seeds)
+@example(row=5, column=22, seed=7584)  # the draw that broke the earlier, pixel-exact version of this property
 def test_full_resolution_skip_alone_carries_a_pixel_change_mostly_to_its_neighbourhood(
     nudged_unet, row, column, seed
 ):
     """With the first down-sampling's output forced to zero, every lower-resolution path is input-independent,
     so the output can depend on the input only through the level-0 skip concatenated into the up path.
-    Then changing pixel p must change the output at p (by at least a tenth of the largest change; exactly zero
-    without that skip), and beyond the receptive radius of the full-resolution path, stem (1) + down block
-    (2 convs) + up block (2 convs) + head (1) = 6 pixels, only through GroupNorm's image-wide mean and variance,
-    which one pixel of 32x32 moves by a few percent at most: below a tenth of the largest change.
+    Then changing pixel p must change the output (exactly zero without that skip), most of all within the receptive
+    radius of the full-resolution path, stem (1) + down block (2 convs) + up block (2 convs) + head (1) = 6 pixels;
+    beyond it only through GroupNorm's image-wide mean and variance, which one pixel of 32x32 moves by a few percent
+    at most: below a tenth of the largest change (measured: at most 0.049 over 1,500 random draws). The change AT p
+    itself is not bounded below: the convolutions' taps can nearly cancel there (0.5% of the largest change for
+    row 5, column 22, seed 7584), so the property names the neighbourhood, not the pixel.
     """
     image = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
     t = torch.tensor([seed % NUM_TIMESTEPS])
@@ -317,9 +321,10 @@ def test_full_resolution_skip_alone_carries_a_pixel_change_mostly_to_its_neighbo
         change = one_pixel_change(nudged_unet, image, t, row, column)
     finally:
         handle.remove()
-    assert change[row, column] >= 0.1 * change.max() > 0
     rows, columns = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
     far = torch.maximum((rows - row).abs(), (columns - column).abs()) > 6
+    assert change.max() > 0
+    assert change[~far].max() == change.max()
     assert change[far].max() < 0.1 * change.max()
 
 
@@ -349,7 +354,54 @@ def test_cutting_the_full_resolution_skip_makes_a_pixel_change_spread_out():
     assert with_skip > 2 * without_skip
 
 
-# ---- 6. input checks -----------------------------------------------------------------------------------------
+# ---- 6. one image's prediction, whatever its batch -----------------------------------------------------------------
+
+
+def predictions_alone_and_in_batches(model, seed):
+    """Return (each image's prediction computed alone, the same images' predictions inside batches of four).
+
+    Each image sits at every position 0..3 of a batch whose other images and timesteps are drawn anew."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(4, 1, 16, 16, generator=generator)
+    t = torch.randint(0, NUM_TIMESTEPS, (4,), generator=generator)
+    with torch.no_grad():
+        alone = torch.cat([model(images[i : i + 1], t[i : i + 1]) for i in range(4)])
+        in_batches = []
+        for i in range(4):
+            batch = torch.randn(4, 1, 16, 16, generator=generator)
+            batch_t = torch.randint(0, NUM_TIMESTEPS, (4,), generator=generator)
+            batch[i], batch_t[i] = images[i], t[i]
+            in_batches.append(model(batch, batch_t)[i : i + 1])
+    return alone, torch.cat(in_batches)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_an_images_prediction_does_not_depend_on_the_rest_of_its_batch(mode):
+    """eps_theta of one image is the same alone and inside any batch of other images and timesteps, in train mode
+    (where the lecture's notebook sampled) and in eval mode: every norm is a GroupNorm, which normalises within one
+    image. Tolerance: float32 (u = 6e-8) convolutions may sum in another order for another batch size, ~1e-6 relative
+    after ~20 layers; with BatchNorm in train mode the batch's statistics move a prediction by O(1)."""
+    model = nudged_model(seed=5)
+    model.train(mode == "train")
+    for seed in range(3):
+        alone, in_batches = predictions_alone_and_in_batches(model, seed)
+        torch.testing.assert_close(in_batches, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_independence_check_fails_for_batchnorm():
+    """The check above can fail: the same network with each GroupNorm replaced by a BatchNorm (same parameter
+    count, the notebook's choice) gives in train mode predictions that depend on the batch."""
+    model = nudged_model(seed=5)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.GroupNorm):
+                setattr(module, child_name, nn.BatchNorm2d(child.num_channels))
+    model.train()
+    alone, in_batches = predictions_alone_and_in_batches(model, 0)
+    assert (in_batches - alone).abs().max() > 1e-2
+
+
+# ---- 7. input checks -----------------------------------------------------------------------------------------
 
 
 @given(sizes_not_divisible())
@@ -387,7 +439,7 @@ def test_widths_that_groupnorm_cannot_split_raise_a_clear_error():
         SimpleUnet(widths=())
 
 
-# ---- 7. the network can learn ------------------------------------------------------------------------------------
+# ---- 8. the network can learn ------------------------------------------------------------------------------------
 
 
 def test_model_fits_a_fixed_batch_within_100_adam_steps():
@@ -414,7 +466,7 @@ def test_model_fits_a_fixed_batch_within_100_adam_steps():
     assert final_loss < 0.5 * losses[0]
 
 
-# ---- 8. bfloat16 autocast and channels_last ----------------------------------------------------------------------
+# ---- 9. bfloat16 autocast and channels_last ----------------------------------------------------------------------
 
 
 def test_channels_last_input_gives_the_contiguous_result_in_float32(nudged_unet):
