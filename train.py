@@ -9,21 +9,18 @@ loss = MSE(eps, eps_theta(x_t, t)), backward, Adam step, EMA update. After each 
 the EMA weights and DIR/checkpoint.pt, written atomically; Ctrl-C saves and exits; --resume continues exactly.
 """
 import argparse
-import copy
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 import ddpm
 import sample
 import unet
-from support import arguments, checkpoints, data, distributed, files, images, run_folder, runtime
+from support import arguments, checkpoints, data, distributed, files, images, run_folder, run_state, runtime
 from support.progress import Progress
 
 # The lecture's configuration; a preset or an explicit flag overrides any of these.
@@ -189,109 +186,6 @@ def update_ema(ema_model, model, decay):
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
-class Run:
-    """What one training process holds: its configuration and place in torchrun, data, model, optimizer, position."""
-    config: dict
-    out: str
-    device: torch.device
-    precision: str
-    rank: int
-    world_size: int
-    dataset: torch.Tensor = None
-    schedule: ddpm.Schedule = None
-    model: torch.nn.Module = None
-    trained_model: torch.nn.Module = None  # the DistributedDataParallel wrapper under torchrun, else model
-    ema_model: torch.nn.Module = None  # None when --ema-decay 0
-    claim: run_folder.Claim = None  # rank 0's hold on --out
-    optimizer: torch.optim.Optimizer = None
-    steps_per_epoch: int = 0
-    losses: list = field(default_factory=list)  # one mean loss per step, on the host
-    elapsed: list = field(default_factory=list)  # seconds of training at the end of each step, summed over resumes
-    pending: list = field(default_factory=list)  # per-step losses still on the device
-    pending_times: list = field(default_factory=list)  # the clock at the end of each of those steps
-    clock_zero: float = 0.0  # the clock reading at which elapsed would be 0 (set when the loop starts)
-    epoch: int = 0
-    step_in_epoch: int = 0
-    step: int = 0
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def checkpoint_path(self):
-        return os.path.join(self.out, "checkpoint.pt")
-
-    def log(self, message):
-        """Print message on rank 0 only."""
-        if self.is_main:
-            print(message, flush=True)
-
-
-class StopRequest:
-    """Remembers a Ctrl-C (SIGINT) or SIGTERM so that the loop can save and stop between two steps."""
-
-    def __init__(self):
-        self.signal_name = None
-
-    def __call__(self, signum, frame):
-        if self.signal_name is not None:  # a second Ctrl-C while saving: stop at once
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-
-def claim_output(run, args):
-    """Lock and prepare --out on rank 0 (run.claim); every rank stops if rank 0 cannot (only rank 0 says why)."""
-    problem = None
-    if run.is_main:
-        try:
-            run.claim = run_folder.prepare_output(args, run.checkpoint_path)
-        except (checkpoints.CheckpointError, files.OutputError) as error:
-            problem = error
-    if distributed.any_rank(problem is not None, run.world_size, run.device):
-        raise problem if problem is not None else SystemExit(1)
-
-
-def load_dataset(run, args):
-    """Set run.dataset (on the device) and run.steps_per_epoch; the other ranks read only after rank 0's download."""
-    if not run.is_main:
-        distributed.barrier(run.world_size)
-    run.dataset = data.load_training_images(run.config, args.data_dir, args.download and run.is_main, run.log).to(run.device)
-    if run.is_main:
-        distributed.barrier(run.world_size)
-    channels = run.dataset.shape[1]
-    if run.config["channels"] not in (None, channels):  # a resumed folder or .npz whose files have changed
-        raise checkpoints.CheckpointError(
-            f"{run.config['dataset']} now holds {channels}-channel images, but {run.checkpoint_path} was trained on "
-            f"{run.config['channels']}-channel ones: restore the images, or start a new run in another --out")
-    run.config["channels"] = channels
-
-
-    split = data.training_split(run.config, args.data_dir)
-    checkpoints.check_resume_data(run.config, split, len(run.dataset), run.checkpoint_path)
-    run.config.update(data_split=split, num_images=len(run.dataset))
-    run.steps_per_epoch = len(run.dataset) // (run.config["batch_size"] * run.world_size)
-    if run.steps_per_epoch == 0:
-        raise runtime.ConfigError(
-            f"--batch-size {run.config['batch_size']} x {run.world_size} process(es) is more than the "
-            f"{len(run.dataset)} images; use a smaller --batch-size or more --max-images")
-
-
-def build_model_and_optimizer(run):
-    """Set run.schedule, run.model (seeded), run.ema_model (a copy, or None), run.optimizer and run.trained_model."""
-    config = run.config
-    run.schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(run.device)
-    torch.manual_seed(config["seed"])
-    run.model = runtime.build_model(config).to(device=run.device, memory_format=runtime.memory_format(run.precision))
-    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=config["lr"], fused=run.device.type == "cuda")
-    run.ema_model = copy.deepcopy(run.model).eval().requires_grad_(False) if config["ema_decay"] > 0 else None
-    run.trained_model = run.model
-    if run.world_size > 1:
-        device_ids = [run.device.index] if run.device.type == "cuda" else None
-        run.trained_model = DistributedDataParallel(run.model, device_ids=device_ids)
-
-
 def restore(run, checkpoint):
     """Load the checkpoint's weights, EMA, optimizer, position and loss log into run; rewrite loss.csv from it.
 
@@ -317,8 +211,8 @@ def set_up(config, args):
     rank, world_size, local_rank = distributed.distributed_context()
     device = runtime.resolve_device(args.device, local_rank)
     distributed.init_distributed(world_size, device)
-    run = Run({**config, "world_size": world_size}, args.out, device, "fp32", rank, world_size)
-    claim_output(run, args)
+    run = run_state.Run({**config, "world_size": world_size}, args.out, device, "fp32", rank, world_size)
+    run_state.claim_output(run, args)
     try:
         set_up_claimed(run, args)
     except BaseException:
@@ -335,10 +229,10 @@ def set_up_claimed(run, args):
         run.config = checkpoints.check_resume_config(checkpoint["config"], run.config, args.explicit,
                                                      run.checkpoint_path, FIXED_ON_RESUME, DERIVED_KEYS, args.origins)
     run.precision = runtime.resolve_precision(args.precision, run.device)
-    load_dataset(run, args)
+    run_state.load_dataset(run, args)
     if run.is_main:
         run_folder.write_config(os.path.join(run.out, "config.json"), run.config)
-    build_model_and_optimizer(run)
+    run_state.build_model_and_optimizer(run)
     if checkpoint is not None:
         restore(run, checkpoint)
     if args.force and run.is_main:
@@ -478,7 +372,7 @@ def train(config, args):
         run_folder.release_output(run.claim)
         return 0
     warn_if_x_T_keeps_signal(run)
-    stop = StopRequest()
+    stop = run_state.StopRequest()
     previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(run.config["epochs"] * run.steps_per_epoch, start=run.step, enabled=run.is_main,
                         scale=run.config["batch_size"] * run.world_size)
