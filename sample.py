@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 import ddpm
-from support import checkpoints, files, images, runtime
-from support.progress import Progress
+from support import arguments, checkpoints, files, images, runtime
 from support.arguments import positive_int, seed_problem
+from support.progress import Progress
 
 SAMPLERS = ("ddpm", "fast", "ddim")
 DEFAULT_STEPS = 50  # of 'fast' and 'ddim' (at most T)
@@ -69,10 +69,7 @@ def parse_args(argv):
     for path in output_paths(args):
         if os.path.realpath(path) == os.path.realpath(args.checkpoint):
             parser.error(f"{path} is the checkpoint this run reads: write the samples under another name")
-    try:
-        runtime.resolve_device(args.device)
-    except runtime.ConfigError as error:
-        parser.error(str(error))
+    arguments.check_device(parser, args.device)
     return args
 
 

@@ -112,10 +112,7 @@ def parse_config(argv):
         parser.error(problem)
     if args.resume and args.force:
         parser.error("--resume and --force contradict each other: choose one")
-    try:
-        runtime.resolve_device(args.device)
-    except runtime.ConfigError as error:
-        parser.error(str(error))
+    arguments.check_device(parser, args.device)
     preset = PRESETS.get(args.preset, {})
     args.explicit = {**preset, **explicit}  # what this run asks for, which --resume checks against the checkpoint
     args.origins = {key: f"--preset {args.preset}" for key in preset if key not in explicit}

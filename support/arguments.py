@@ -7,6 +7,7 @@ import math
 import os
 
 import unet
+from support import runtime
 
 # Seeds that both torch.Generator.manual_seed and numpy's SeedSequence take.
 SEED_LIMIT = 2**64
@@ -19,6 +20,14 @@ CONFIG_TYPES = {
     "world_size": int,
 }
 FINITE_KEYS = ("lr", "grad_clip", "ema_decay")
+
+
+def check_device(parser, name):
+    """Return None when --device name is visible on this machine; else parser.error (exit 2) with one line."""
+    try:
+        runtime.resolve_device(name)
+    except runtime.ConfigError as error:
+        parser.error(str(error))
 
 
 def positive_int(text):

@@ -74,10 +74,7 @@ def parse_args(argv):
                         help="training and sampling batch; default: each model's train.py batch (128 for the "
                              f"lecture's, 64 for the quick preset's) and {SAMPLING_BATCH} for sampling")
     args = parser.parse_args(argv)
-    try:
-        runtime.resolve_device(args.device)
-    except runtime.ConfigError as error:
-        parser.error(str(error))
+    arguments.check_device(parser, args.device)
     return args
 
 

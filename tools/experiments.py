@@ -91,10 +91,7 @@ def parse_args(argv):
     args.epochs = args.epochs or plan["epochs"]
     args.n = args.n or plan["n"]
     args.ddim_steps, args.train_flags = plan["ddim_steps"], plan["train_flags"]
-    try:
-        runtime.resolve_device(args.device)
-    except runtime.ConfigError as error:
-        parser.error(str(error))
+    arguments.check_device(parser, args.device)
     return args
 
 
