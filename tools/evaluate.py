@@ -314,6 +314,25 @@ def mean_confidence(probabilities):
     return float(np.mean(np.max(probabilities, axis=1)))
 
 
+CONFIDENT = 0.9  # a sample "recognized": its top softmax probability is above this
+
+
+def confident_fraction(probabilities, threshold=CONFIDENT):
+    """Return the fraction of samples whose top softmax probability is above threshold: mean_i [max_k p_ik > t]."""
+    return float(np.mean(np.max(probabilities, axis=1) > threshold))
+
+
+def per_class_confidence(probabilities):
+    """Return, for each class k, the mean top probability of the samples predicted as k (None where there are none).
+
+    A class whose samples are recognized only hesitantly (malformed 2s, say) shows up here, where the overall mean
+    hides it.
+    """
+    predicted, top = np.argmax(probabilities, axis=1), np.max(probabilities, axis=1)
+    return [float(np.mean(top[predicted == k])) if np.any(predicted == k) else None
+            for k in range(probabilities.shape[1])]
+
+
 def predicted_class_histogram(probabilities):
     """Return int (classes,) counts of argmax_k p_ik over the samples i."""
     return np.bincount(np.argmax(probabilities, axis=1), minlength=probabilities.shape[1])
@@ -368,8 +387,9 @@ def cached_reference_statistics(model, cache, path, real_images, image_size, dev
 def sample_figures(samples, model, reference, device="cpu"):
     """Return the dict of figures of uint8 samples (N, H, W, 1) against reference (see reference_statistics).
 
-    Keys: n_samples, image_size, fid, confidence, class_histogram, class_entropy_nats, max_class_entropy_nats,
-    dark_mean, real_dark_mean, midtone_fraction, real_midtone_fraction, n_real.
+    Keys: n_samples, image_size, fid, confidence, confident_fraction, per_class_confidence, class_histogram,
+    class_entropy_nats, max_class_entropy_nats, dark_mean, real_dark_mean, midtone_fraction, real_midtone_fraction,
+    n_real.
     """
     features, probabilities = classifier_outputs(model, digits_at_classifier_size(samples), device)
     mu, sigma = gaussian_fit(features)
@@ -380,6 +400,8 @@ def sample_figures(samples, model, reference, device="cpu"):
         "image_size": int(samples.shape[1]),
         "fid": frechet_distance(mu, sigma, reference["mu"].numpy(), reference["sigma"].numpy()),
         "confidence": mean_confidence(probabilities),
+        "confident_fraction": confident_fraction(probabilities),
+        "per_class_confidence": per_class_confidence(probabilities),
         "class_histogram": [int(count) for count in histogram],
         "class_entropy_nats": histogram_entropy(histogram),
         "max_class_entropy_nats": math.log(len(histogram)),
@@ -443,7 +465,11 @@ def format_report(figures, cache):
         f"on {cache['heldout_digits']} digits (trained on {cache['train_digits']} digits for {cache['epochs']} "
         f"epochs in {cache['train_seconds']:.1f} s)",
         f"FID (LeNet features, lower is better): {figures['fid']:.3f}",
-        f"confidence (mean top softmax): {figures['confidence']:.4f}",
+        f"confidence (mean top softmax): {figures['confidence']:.4f}; recognized (top softmax > {CONFIDENT}): "
+        f"{figures['confident_fraction']:.1%}",
+        "confidence per predicted class: " + " ".join(
+            f"{digit}:{'-' if value is None else f'{value:.2f}'}"
+            for digit, value in enumerate(figures["per_class_confidence"])),
         f"class coverage: entropy {figures['class_entropy_nats']:.4f} nats "
         f"(perfect balance ln 10 = {figures['max_class_entropy_nats']:.4f})",
         f"predicted classes: {histogram}",
