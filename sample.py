@@ -176,7 +176,7 @@ def sampler_steps_and_eta(sampler, steps, eta, timesteps):
                                       "fast or ddim sampler")
         return timesteps, None
     steps = min(DEFAULT_STEPS, timesteps) if steps is None else steps
-    if not is_whole(steps) or not 1 <= steps <= timesteps:
+    if not arguments.is_int(steps) or not 1 <= steps <= timesteps:
         raise runtime.ConfigError(f"steps must be between 1 and the model's {timesteps} timesteps, got {steps!r}")
     eta = DEFAULT_ETA[sampler] if eta is None else eta
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
@@ -187,15 +187,10 @@ def sampler_steps_and_eta(sampler, steps, eta, timesteps):
 def check_counts(n, batch_size, frames):
     """Raise ConfigError with one line unless n and batch_size are positive integers and frames is 0 or at least 2."""
     for name, value in (("n", n), ("batch_size", batch_size)):
-        if not is_whole(value) or value < 1:
+        if not arguments.is_int(value) or value < 1:
             raise runtime.ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if not is_whole(frames) or frames < 0 or frames == 1:
+    if not arguments.is_int(frames) or frames < 0 or frames == 1:
         raise runtime.ConfigError(f"frames must be 0 or at least 2, got {frames!r}")
-
-
-def is_whole(value):
-    """Return True when value is an int (not a bool)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def make_parent_folder(path):
@@ -258,7 +253,7 @@ def preview_grid(model, schedule, config, device, precision, steps=PREVIEW_STEPS
                                       generator=step_noise,
                                       x_T=x_T.contiguous(memory_format=runtime.memory_format(precision)),
                                       clip_x0=runtime.clip_x0_by_default(config["schedule"]))
-    return images.make_grid(images.to_uint8(samples.float().cpu()), nrow=math.ceil(math.sqrt(shape[0])))
+    return grid(samples.float().cpu())
 
 
 def frames_grid(frames):

@@ -338,13 +338,13 @@ def epoch_text(run):
     return f"epoch {run.epoch + 1}/{run.config['epochs']}  step {run.step}/{total}  loss {run.losses[-1]:.4f}"
 
 
-def end_of_epoch(run, grid_path):
+def end_of_epoch(run):
     """Count the epoch as done, write its grid of samples (rank 0) and the checkpoint."""
     run.epoch, run.step_in_epoch = run.epoch + 1, 0
     if run.is_main and run.config["grid_samples"]:
         model = run.ema_model if run.ema_model is not None else run.model
-        images.write_png(grid_path(run.epoch), sample.preview_grid(model, run.schedule, run.config, run.device,
-                                                                   run.precision))
+        grid = sample.preview_grid(model, run.schedule, run.config, run.device, run.precision)
+        images.write_png(run_folder.grid_path(run.out, run.epoch), grid)
     save(run)
 
 
@@ -380,7 +380,7 @@ def train(config, args):
             code = train_epoch(run, stop, progress)
             if code is not None:
                 return code
-            end_of_epoch(run, lambda epoch: os.path.join(args.out, f"samples_epoch_{epoch:03d}.png"))
+            end_of_epoch(run)
             if run.epoch < run.config["epochs"] and distributed.any_rank(stop.signal_name is not None,
                                                                          run.world_size, run.device):
                 return interrupted(run)

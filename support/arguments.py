@@ -7,7 +7,7 @@ import math
 import os
 
 import unet
-from support import runtime
+from support import data, runtime
 
 # Seeds that both torch.Generator.manual_seed and numpy's SeedSequence take.
 SEED_LIMIT = 2**64
@@ -62,7 +62,7 @@ def dataset_type(built_in):
         kind, separator, path = text.partition(":")
         if text in built_in:
             return text
-        if not (separator and kind in ("folder", "npz") and path):
+        if not (separator and kind in data.FILE_DATASETS and path):
             raise argparse.ArgumentTypeError(f"expected {', '.join(built_in)}, folder:PATH (a folder of PNG files) "
                                              f"or npz:PATH (uint8 images under arr_0), got {text!r}")
         path = os.path.abspath(os.path.expanduser(path))
@@ -115,7 +115,7 @@ def config_problem(config):
     for key in positive:
         if not config[key] > 0:
             return f"--{key.replace('_', '-')} must be positive, got {config[key]}"
-    if not (config["lr"] < 1e3 and math.isfinite(config["lr"])):
+    if not config["lr"] < 1e3:  # finite already (FINITE_KEYS)
         return f"--lr must be a finite learning rate, got {config['lr']}"
     if config["timesteps"] < 2:
         return f"--timesteps must be at least 2, got {config['timesteps']}"

@@ -211,8 +211,8 @@ def model_from_weights(config, state_dict, device, precision, source="the checkp
         model = runtime.build_model(config)
         model.load_state_dict(state_dict)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # a damaged or hand-edited file
-        reason = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{source}: the weights do not fit the model its configuration describes ({reason}); "
+        raise CheckpointError(f"{source}: the weights do not fit the model its configuration describes "
+                              f"({first_line(error)}); "
                               "use a checkpoint written by train.py or weights written by sample.py --export") from None
     return model.to(device=device, memory_format=runtime.memory_format(precision)).eval()
 

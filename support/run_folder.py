@@ -137,6 +137,11 @@ def release_output(claim):
             os.rmdir(folder)
 
 
+def grid_path(folder, epoch):
+    """Return the path of the preview grid train.py writes in folder after epoch (1-based): samples_epoch_NNN.png."""
+    return os.path.join(folder, f"samples_epoch_{epoch:03d}.png")
+
+
 def remove_previous_outputs(folder):
     """Remove the previous run's checkpoint, loss log and grids from folder (for --force); leave every other file."""
     for name in os.listdir(folder):
