@@ -36,6 +36,7 @@ DEFAULTS = dict(
     time_emb_dim=128,
     schedule="linear",
     warmup_steps=100,
+    lr_decay="none",
     grad_clip=1.0,
     ema_decay=0.995,
     seed=0,
@@ -46,13 +47,13 @@ DEFAULTS = dict(
 # quick: residual blocks at half the lecture's widths, two per level, trained for the steps a 2-core CPU
 # manages in about eight minutes on the bundled 10,000 digits (measured: see README).
 PRESETS = {
-    "quick": dict(widths=[32, 64, 128], blocks_per_level=2, epochs=10, batch_size=64),
+    "quick": dict(widths=[32, 64, 128], blocks_per_level=2, epochs=12, batch_size=64, lr_decay="cosine"),
 }
 
 # Keys that define the model and the data: a resumed run must agree with its checkpoint on these (and on the
 # images' channels, checked once the data is read: load_dataset).
 FIXED_ON_RESUME = ("dataset", "img_size", "widths", "blocks_per_level", "time_emb_dim", "timesteps",
-                   "schedule", "batch_size", "lr", "warmup_steps", "grad_clip", "ema_decay", "seed", "max_images",
+                   "schedule", "batch_size", "lr", "warmup_steps", "lr_decay", "grad_clip", "ema_decay", "seed", "max_images",
                    "world_size")
 DERIVED_KEYS = ("world_size",)  # set by the launch, not by a flag of its own
 DATASET_CHANNELS = {"mnist": 1, "cifar10": 3}  # folder:PATH and npz:PATH take theirs from the files
@@ -80,6 +81,8 @@ def build_parser():
     parser.add_argument("--blocks-per-level", type=int, default=unset, help="residual blocks per U-Net level; default 1")
     parser.add_argument("--schedule", choices=sorted(ddpm.BETA_SCHEDULES), default=unset, help="beta schedule; default linear")
     parser.add_argument("--warmup-steps", type=int, default=unset, help="linear learning-rate warm-up; default 100")
+    parser.add_argument("--lr-decay", choices=arguments.LR_DECAYS, default=unset,
+                        help="after the warm-up: none (constant, the lecture) or cosine (to zero at the last step); default none")
     parser.add_argument("--grad-clip", type=float, default=unset, help="max gradient norm, 0 = off; default 1.0")
     parser.add_argument("--ema-decay", type=float, default=unset, help="EMA of the weights, 0 = off; default 0.995")
     parser.add_argument("--seed", type=int, default=unset, help="default 0")
@@ -138,14 +141,25 @@ def step_generator(seed, rank, step, device):
 # ----------------------------------------------------------------------------- the training step (Algorithm 1)
 
 
-def learning_rate(step, lr, warmup_steps):
-    """Return the learning rate at a step: linear warm-up to lr over warmup_steps, then constant (the lecture's lr).
+def learning_rate(step, lr, warmup_steps, decay="none", total_steps=0):
+    """Return the learning rate at a step: linear warm-up to lr over warmup_steps, then constant (decay "none",
+    the lecture's lr) or a half cosine down to zero at step total_steps (decay "cosine", beyond the lecture).
 
-    lr_step = lr * min(1, (step + 1) / warmup_steps)
+    lr_step = lr * min(1, (step + 1) / warmup_steps)                                  (warm-up; 1 if warmup_steps = 0)
+              * 0.5 * (1 + cos(pi * min(1, max(0, step - warmup_steps) / (total_steps - warmup_steps))))  (cosine)
     """
-    if warmup_steps == 0:
-        return lr
-    return lr * min(1.0, (step + 1) / warmup_steps)
+    warm = 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+    if decay == "none":
+        return lr * warm
+    progress = min(1.0, max(0, step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def run_learning_rate(run, step):
+    """Return learning_rate at step for run's configuration, over its epochs * steps_per_epoch steps."""
+    config = run.config
+    return learning_rate(step, config["lr"], config["warmup_steps"], config["lr_decay"],
+                         config["epochs"] * run.steps_per_epoch)
 
 
 def ema_decay_at(step, ema_decay):
@@ -218,6 +232,14 @@ def set_up(config, args):
     return run
 
 
+def check_decay_keeps_its_epochs(checkpoint_config, config, path):
+    """Raise CheckpointError if a run whose learning rate decays over its epochs is resumed with other epochs."""
+    if config["lr_decay"] != "none" and config["epochs"] != checkpoint_config["epochs"]:
+        raise checkpoints.CheckpointError(
+            f"{path} decays its learning rate to zero over {checkpoint_config['epochs']} epochs, so it resumes only with "
+            f"--epochs {checkpoint_config['epochs']}; for more epochs start a new run in another --out")
+
+
 def set_up_claimed(run, args):
     """Set run's configuration (the checkpoint's on --resume), data, model and position; clear --out on --force."""
     checkpoint = None
@@ -225,6 +247,7 @@ def set_up_claimed(run, args):
         checkpoint = checkpoints.load_checkpoint(run.checkpoint_path)
         run.config = checkpoints.check_resume_config(checkpoint["config"], run.config, args.explicit,
                                                      run.checkpoint_path, FIXED_ON_RESUME, DERIVED_KEYS, args.origins)
+        check_decay_keeps_its_epochs(checkpoint["config"], run.config, run.checkpoint_path)
     run.precision = runtime.resolve_precision(args.precision, run.device)
     run_state.load_dataset(run, args)
     if run.is_main:
@@ -251,7 +274,7 @@ def train_one_step(run, order):
     generator = step_generator(config["seed"], run.rank, run.step, run.device)
     t = ddpm.sample_t(len(batch), run.schedule.timesteps, run.device, generator)
     noise = torch.randn(x0.shape, generator=generator, device=run.device).contiguous(memory_format=layout)
-    lr = learning_rate(run.step, config["lr"], config["warmup_steps"])
+    lr = run_learning_rate(run, run.step)
     run.pending.append(train_step(run.trained_model, run.optimizer, x0, t, noise, run.schedule, lr,
                                   config["grad_clip"], run.device, run.precision))
     run.pending_times.append(time.perf_counter())
@@ -280,7 +303,7 @@ def flush_losses(run):
 
 def write_losses(run):
     """Write loss.csv from run's losses and times, with each step's learning rate (atomic)."""
-    rates = [learning_rate(step, run.config["lr"], run.config["warmup_steps"]) for step in range(len(run.losses))]
+    rates = [run_learning_rate(run, step) for step in range(len(run.losses))]
     run_folder.write_loss_log(os.path.join(run.out, "loss.csv"), run.losses, run.steps_per_epoch, rates, run.elapsed)
 
 

@@ -16,10 +16,11 @@ SEED_LIMIT = 2**64
 CONFIG_TYPES = {
     "dataset": str, "epochs": int, "batch_size": int, "lr": float, "timesteps": int, "img_size": int,
     "widths": list, "blocks_per_level": int, "time_emb_dim": int, "schedule": str, "warmup_steps": int,
-    "grad_clip": float, "ema_decay": float, "seed": int, "max_images": int, "grid_samples": int, "channels": int,
-    "world_size": int,
+    "lr_decay": str, "grad_clip": float, "ema_decay": float, "seed": int, "max_images": int, "grid_samples": int,
+    "channels": int, "world_size": int,
 }
 FINITE_KEYS = ("lr", "grad_clip", "ema_decay")
+LR_DECAYS = ("none", "cosine")  # train.learning_rate after the warm-up
 
 
 def check_device(parser, name):
@@ -117,6 +118,8 @@ def config_problem(config):
             return f"--{key.replace('_', '-')} must be positive, got {config[key]}"
     if not config["lr"] < 1e3:  # finite already (FINITE_KEYS)
         return f"--lr must be a finite learning rate, got {config['lr']}"
+    if config["lr_decay"] not in LR_DECAYS:
+        return f"--lr-decay must be one of {', '.join(LR_DECAYS)}, got {config['lr_decay']!r}"
     if config["timesteps"] < 2:
         return f"--timesteps must be at least 2, got {config['timesteps']}"
     if seed_problem(config["seed"]):

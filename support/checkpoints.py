@@ -19,6 +19,9 @@ CHECKPOINT_FORMAT = "ddpm-noise-prediction-checkpoint"
 CHECKPOINT_VERSION = 1
 CHECKPOINT_KEYS = ("format", "version", "config", "model", "ema", "optimizer", "epoch", "step_in_epoch", "step",
                    "losses")
+# Configuration keys added after checkpoints of this version were first written, each with the value that does
+# what the runs before it did: an older checkpoint reads as if it had recorded them.
+ADDED_CONFIG_KEYS = {"lr_decay": "none"}
 WEIGHTS_FORMAT = "ddpm-noise-prediction-weights"
 WEIGHTS_VERSION = 1
 WEIGHTS_KEYS = ("format", "version", "config", "unet", "schedule", "img_size", "clip_x0", "state_dict")
@@ -118,6 +121,8 @@ def checked_checkpoint(checkpoint, path):
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing or checkpoint["version"] != CHECKPOINT_VERSION:
         raise CheckpointError(f"{path} is a checkpoint of another version or incomplete (missing {missing}); train again")
+    if isinstance(checkpoint["config"], dict):
+        checkpoint["config"] = {**ADDED_CONFIG_KEYS, **checkpoint["config"]}
     problem = checkpoint_problem(checkpoint)
     if problem:
         raise CheckpointError(f"{path} cannot be used: {problem}; use a checkpoint.pt as train.py wrote it, or train again")

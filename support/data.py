@@ -36,6 +36,9 @@ MNIST_TRAIN_MD5 = {
 MNIST_IMAGE_SIZE = 28
 TORCHVISION_MNIST_FOLDER = os.path.join("MNIST", "raw")  # where torchvision.datasets.MNIST(root) keeps the files
 MNIST_CLASSES = 10
+MNIST_TEST_DIGITS = 10_000
+# The bundled test split's last 2,000 digits are never trained on: tools.evaluate judges samples against them.
+HELD_OUT_TEST_DIGITS = 2_000
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -392,13 +395,30 @@ def to_model_tensor(images, img_size):
 
 
 def training_split(config, data_dir):
-    """Return the name of the data load_training_images reads: 'MNIST train split', 'MNIST test split', CIFAR-10's,
-    or the --dataset value itself for your own images ('folder:PATH', 'npz:PATH')."""
+    """Return the name of the data load_training_images reads: 'MNIST train split', 'MNIST test split (first 8,000)',
+    CIFAR-10's, or the --dataset value itself for your own images ('folder:PATH', 'npz:PATH')."""
     if config["dataset"].partition(":")[0] in FILE_DATASETS:
         return config["dataset"]
     if config["dataset"] == "cifar10":
         return "CIFAR-10 training set"
-    return f"MNIST {mnist_files(data_dir)[2]} split"
+    split = mnist_files(data_dir)[2]
+    if split == "test":
+        return f"MNIST test split (first {MNIST_TEST_DIGITS - HELD_OUT_TEST_DIGITS:,})"
+    return f"MNIST {split} split"
+
+
+def held_out_for_judging(pixels, split):
+    """Return the digits of an MNIST split that training may read: the test split less its last HELD_OUT_TEST_DIGITS.
+
+    tools.evaluate judges samples against those held-out digits, which no DDPM trained by train.py has seen;
+    the 60,000-digit training split is returned whole (evaluate then judges against the whole test split).
+    """
+    if split != "test":
+        return pixels
+    if len(pixels) <= HELD_OUT_TEST_DIGITS:
+        raise DataError(f"the MNIST test split holds {len(pixels)} digits, where it has {MNIST_TEST_DIGITS:,}: "
+                        f"{REPAIR_HINT}")
+    return pixels[:-HELD_OUT_TEST_DIGITS]
 
 
 def load_training_images(config, data_dir, download, log):
@@ -419,6 +439,7 @@ def load_training_images(config, data_dir, download, log):
             except DataError as error:
                 log(f"warning: {error}")
         pixels, _ = load_mnist(data_dir)
+        pixels = held_out_for_judging(pixels, mnist_files(data_dir)[2])
     if config["max_images"]:
         pixels = pixels[: config["max_images"]]
     log(f"data: {len(pixels)} images from the {training_split(config, data_dir)} in {data_dir}/")

@@ -279,6 +279,34 @@ def test_load_mnist_prefers_the_training_split_when_present(tmp_path):
     np.testing.assert_array_equal(labels, fake_labels)
 
 
+def test_training_never_reads_the_last_2000_test_digits_that_evaluate_judges_against(tmp_path):
+    """On the bundled test split train.py reads its first 8,000 digits, exactly; the last 2,000 (none of which equals
+    a training digit) are never read, and the split's name says so. With the training split present, all of it."""
+    link_bundled_test_split(tmp_path)
+    digits, _ = data.load_mnist(tmp_path)
+    config = {"dataset": "mnist", "img_size": 28, "max_images": 0}
+    trained = data.load_training_images(config, str(tmp_path), False, lambda message: None)
+    assert torch.equal(trained, data.to_model_tensor(digits[:8000], 28))
+    assert data.HELD_OUT_TEST_DIGITS == 2000 and len(digits) == data.MNIST_TEST_DIGITS
+    training_digits = {digit.tobytes() for digit in digits[:8000]}
+    assert not any(digit.tobytes() in training_digits for digit in digits[8000:])
+    assert data.training_split(config, str(tmp_path)) == "MNIST test split (first 8,000)"
+    fake_images, _ = write_fake_training_split(tmp_path, image_count=5, label_count=5)
+    trained = data.load_training_images(config, str(tmp_path), False, lambda message: None)
+    assert torch.equal(trained, data.to_model_tensor(fake_images, 28))
+    assert data.training_split(config, str(tmp_path)) == "MNIST train split"
+
+
+def test_a_test_split_too_small_to_hold_out_2000_digits_is_a_one_line_error(tmp_path):
+    """A test split of 2,000 digits leaves nothing to train on once the held-out digits are set aside: DataError."""
+    write_file(tmp_path / data.MNIST_TEST_FILES[0], idx_bytes(np.zeros((2000, 28, 28), dtype=np.uint8)))
+    write_file(tmp_path / data.MNIST_TEST_FILES[1], idx_bytes(np.zeros(2000, dtype=np.uint8)))
+    config = {"dataset": "mnist", "img_size": 28, "max_images": 0}
+    with pytest.raises(data.DataError, match="holds 2000 digits, where it has 10,000") as error:
+        data.load_training_images(config, str(tmp_path), False, lambda message: None)
+    assert "\n" not in str(error.value)
+
+
 def test_load_mnist_falls_back_to_the_test_split_when_the_training_pair_is_incomplete(tmp_path):
     """Training images without training labels are not a split: the bundled test split is used."""
     link_bundled_test_split(tmp_path)

@@ -243,6 +243,31 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first_moments, second_moments))
 
 
+def test_a_run_with_a_cosine_learning_rate_decay_resumes_bit_identically_and_only_with_its_epochs(tmp_path, monkeypatch,
+                                                                                                    capsys):
+    """--lr-decay cosine: 2 epochs straight == stopped by Ctrl-C at step 3, then resumed; the learning rate of each
+    step depends on the run's length, so a resume asking for other --epochs is refused with one line."""
+    cosine = ("--precision", "fp32", "--lr-decay", "cosine", "--warmup-steps", "2", "--epochs", "2")
+    straight, pieced = tmp_path / "straight", tmp_path / "pieced"
+    assert run_train(straight, *cosine) == 0
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 3)
+        assert run_train(pieced, *cosine) == 130
+    capsys.readouterr()
+    assert run_train(pieced, *cosine, "--resume", "--epochs", "3") == 1
+    message = capsys.readouterr().err.strip()
+    assert "decays its learning rate to zero over 2 epochs" in message and "--epochs 2" in message
+    assert "\n" not in message
+    assert run_train(pieced, *cosine, "--resume") == 0
+    first = checkpoints.load_checkpoint(str(straight / "checkpoint.pt"))
+    second = checkpoints.load_checkpoint(str(pieced / "checkpoint.pt"))
+    assert same_state(first["model"], second["model"]) and same_state(first["ema"], second["ema"])
+    assert first["losses"] == second["losses"] and len(first["losses"]) == 12
+    rates = [float(row[3]) for row in loss_log(pieced)]
+    assert rates == [train.learning_rate(step, 1e-3, 2, "cosine", 12) for step in range(12)]
+    assert rates[1] == 1e-3 and rates[-1] < 0.03 * 1e-3  # full after the warm-up, nearly zero at the end
+
+
 # ----------------------------------------------------------------------------- 4. untrusted checkpoints
 
 

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, strategies as st
 
 import ddpm
 import sample
@@ -111,6 +112,50 @@ def test_a_checkpoint_without_elapsed_times_still_resumes(trained_run, tmp_path)
     with open(out / "loss.csv") as stream:
         seconds = [row["elapsed_s"] for row in csv.DictReader(stream)]
     assert seconds[:12] == [""] * 12 and all(float(value) > 0 for value in seconds[12:]) and len(seconds) == 18
+
+
+def test_a_checkpoint_from_before_the_learning_rate_decay_resumes_with_a_constant_rate(trained_run, tmp_path):
+    """A checkpoint whose configuration has no 'lr_decay' (written before the flag existed) loads as 'none' and
+    resumes with the constant learning rate it was trained with."""
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    del checkpoint["config"]["lr_decay"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["config"]["lr_decay"] == "none"
+    assert run_train(out, "--resume", "--epochs", "3", "--grid-samples", "0", "--warmup-steps", "100") == 0
+    with open(out / "loss.csv") as stream:
+        rates = [float(row["lr"]) for row in csv.DictReader(stream)]
+    assert rates == pytest.approx([1e-3 * (step + 1) / 100 for step in range(18)], rel=1e-12)
+
+
+@given(lr=st.floats(1e-6, 1.0), warmup_steps=st.integers(0, 300), quarter=st.integers(1, 500))
+def test_cosine_decay_is_a_half_cosine_from_lr_to_zero_after_the_warm_up(lr, warmup_steps, quarter):
+    """With decay_steps = total - warm-up = 4 * quarter: the warm-up is the constant schedule's; the rate is lr at the
+    end of the warm-up, lr (1 + 1/sqrt 2) / 2 a quarter of the way (a straight line would give 0.75 lr), lr / 2 halfway,
+    lr (1 - 1/sqrt 2) / 2 at three quarters, exactly 0 at total_steps and after; it never rises after the warm-up."""
+    total = warmup_steps + 4 * quarter
+    rate = lambda step: train.learning_rate(step, lr, warmup_steps, "cosine", total)  # noqa: E731
+    for step in range(warmup_steps):
+        assert rate(step) == train.learning_rate(step, lr, warmup_steps)
+    assert rate(warmup_steps) == lr
+    assert math.isclose(rate(warmup_steps + quarter), lr * (1 + 2 ** -0.5) / 2, rel_tol=1e-12)
+    assert math.isclose(rate(warmup_steps + 2 * quarter), lr / 2, rel_tol=1e-12)
+    assert math.isclose(rate(warmup_steps + 3 * quarter), lr * (1 - 2 ** -0.5) / 2, rel_tol=1e-9)
+    assert rate(total) == 0.0 and rate(total + 7) == 0.0
+    after = [rate(step) for step in range(warmup_steps, total + 1)]
+    assert all(later <= earlier for earlier, later in zip(after, after[1:]))
+    assert all(0 < value <= lr for value in after[:-1])
+
+
+def test_the_quick_preset_decays_its_learning_rate_and_the_lecture_does_not():
+    """The lecture's configuration keeps its constant lr after the warm-up; --preset quick decays it (cosine), and an
+    explicit --lr-decay overrides the preset; an unknown decay is an argparse error."""
+    assert train.parse_config([])[0]["lr_decay"] == "none"
+    assert train.parse_config(["--preset", "quick"])[0]["lr_decay"] == "cosine"
+    assert train.parse_config(["--preset", "quick", "--lr-decay", "none"])[0]["lr_decay"] == "none"
+    with pytest.raises(SystemExit):
+        train.parse_config(["--lr-decay", "linear"])
 
 
 def test_preset_values_are_overridden_by_explicit_flags():
