@@ -46,6 +46,8 @@ DATA_DIR = "data"  # train.py's and evaluate.py's default
 LECTURE_FLAGS = ["--ema-decay", "0", "--warmup-steps", "0", "--grad-clip", "0"]
 MORE_EPOCHS_FACTOR = 4
 LOW_LR = "2e-4"
+# Every run: the quick preset with the constant learning rate after the warm-up that the questions were measured with.
+BASE_FLAGS = ["--preset", "quick", "--lr-decay", "none"]
 FULL = dict(epochs=3, n=1000, ddim_steps=(50, 100), train_flags=[])
 # Tiny widths, 64 digits at 16x16, T = 20: the whole script in seconds on one CPU core.
 TINY = dict(epochs=2, n=16, ddim_steps=(5, 10),
@@ -96,8 +98,9 @@ def parse_args(argv):
 
 
 def base_config(args):
-    """Return train.py's configuration for the base run: the quick preset over the lecture's defaults."""
-    config, _ = train.parse_config(["--preset", "quick", *args.train_flags])
+    """Return train.py's configuration for the base run: the quick preset over the lecture's defaults, with the
+    constant learning rate after the warm-up that the questions' runs were measured with (--lr-decay none)."""
+    config, _ = train.parse_config([*BASE_FLAGS, *args.train_flags])
     return config
 
 
@@ -147,7 +150,7 @@ def experiment_plan(timesteps, ddim_steps, include_cosine):
 def train_run(name, extra_flags, args):
     """Return the record of one training through train.main: flags, exit code, seconds, steps, last-epoch loss."""
     out = os.path.join(args.work, name)
-    flags = ["--preset", "quick", *args.train_flags, *extra_flags, "--grid-samples", "0", "--seed", str(args.seed),
+    flags = [*BASE_FLAGS, *args.train_flags, *extra_flags, "--grid-samples", "0", "--seed", str(args.seed),
              "--device", args.device, "--out", out, "--force"]
     print(f"\n== training {name}: python train.py {' '.join(flags)}", flush=True)
     start = time.perf_counter()
