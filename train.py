@@ -53,8 +53,8 @@ PRESETS = {
 # Keys that define the model and the data: a resumed run must agree with its checkpoint on these (and on the
 # images' channels, checked once the data is read: load_dataset).
 FIXED_ON_RESUME = ("dataset", "img_size", "widths", "blocks_per_level", "time_emb_dim", "timesteps",
-                   "schedule", "batch_size", "lr", "warmup_steps", "lr_decay", "grad_clip", "ema_decay", "seed", "max_images",
-                   "world_size")
+                   "schedule", "batch_size", "lr", "warmup_steps", "lr_decay", "grad_clip", "ema_decay", "seed",
+                   "max_images", "world_size")
 DERIVED_KEYS = ("world_size",)  # set by the launch, not by a flag of its own
 DATASET_CHANNELS = {"mnist": 1, "cifar10": 3}  # folder:PATH and npz:PATH take theirs from the files
 LOG_EVERY = 10  # steps between reading losses back from the device (each read is a host sync)
@@ -82,7 +82,8 @@ def build_parser():
     parser.add_argument("--schedule", choices=sorted(ddpm.BETA_SCHEDULES), default=unset, help="beta schedule; default linear")
     parser.add_argument("--warmup-steps", type=int, default=unset, help="linear learning-rate warm-up; default 100")
     parser.add_argument("--lr-decay", choices=arguments.LR_DECAYS, default=unset,
-                        help="after the warm-up: none (constant, the lecture) or cosine (to zero at the last step); default none")
+                        help="after the warm-up: none (constant, the lecture) or cosine (to zero at the last step); "
+                             "default none")
     parser.add_argument("--grad-clip", type=float, default=unset, help="max gradient norm, 0 = off; default 1.0")
     parser.add_argument("--ema-decay", type=float, default=unset, help="EMA of the weights, 0 = off; default 0.995")
     parser.add_argument("--seed", type=int, default=unset, help="default 0")
