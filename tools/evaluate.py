@@ -396,6 +396,19 @@ def background_noise(images):
     return dark_mean, midtone_fraction
 
 
+def logit_gaussian(model, images, device="cpu"):
+    """Return (mu, sigma, probabilities) of uint8 images (N, H, W, 1): the Gaussian fitted to the classifier's logits
+    (gaussian_fit of classifier_outputs after digits_at_classifier_size) and the softmax of each image."""
+    logits, probabilities = classifier_outputs(model, digits_at_classifier_size(images), device)
+    mu, sigma = gaussian_fit(logits)
+    return mu, sigma, probabilities
+
+
+def fid_to_reference(mu, sigma, reference):
+    """Return frechet_distance between the Gaussian (mu, sigma) and the reference statistics' (float64 tensors)."""
+    return frechet_distance(mu, sigma, reference["mu"].numpy(), reference["sigma"].numpy())
+
+
 def reference_statistics(model, real_images, image_size, device="cpu"):
     """Return the real digits' figures at the samples' size: {"mu", "sigma", "dark_mean", "midtone_fraction", "n"}.
 
@@ -403,8 +416,7 @@ def reference_statistics(model, real_images, image_size, device="cpu"):
     digits_at_classifier_size); mu and sigma are float64 tensors, so the dict can be torch.save'd.
     """
     real_like_samples = real_digits_like_samples(real_images, image_size)
-    logits, _ = classifier_outputs(model, digits_at_classifier_size(real_like_samples), device)
-    mu, sigma = gaussian_fit(logits)
+    mu, sigma, _ = logit_gaussian(model, real_like_samples, device)
     dark_mean, midtone_fraction = background_noise(real_like_samples)
     return {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "dark_mean": dark_mean,
             "midtone_fraction": midtone_fraction, "n": len(real_images)}
@@ -425,10 +437,8 @@ def real_digits_fid(model, real_images, reference, image_size, device="cpu"):
     With the digits the DDPM trained on and N = the number of samples, this is what a generator that reproduced
     its training digits exactly would score: the floor to read a sample FID against (the finite-N bias included).
     """
-    real_like_samples = real_digits_like_samples(real_images, image_size)
-    logits, _ = classifier_outputs(model, digits_at_classifier_size(real_like_samples), device)
-    mu, sigma = gaussian_fit(logits)
-    return frechet_distance(mu, sigma, reference["mu"].numpy(), reference["sigma"].numpy())
+    mu, sigma, _ = logit_gaussian(model, real_digits_like_samples(real_images, image_size), device)
+    return fid_to_reference(mu, sigma, reference)
 
 
 def sample_figures(samples, model, reference, device="cpu"):
@@ -438,14 +448,13 @@ def sample_figures(samples, model, reference, device="cpu"):
     class_entropy_nats, max_class_entropy_nats, dark_mean, real_dark_mean, midtone_fraction, real_midtone_fraction,
     n_real.
     """
-    logits, probabilities = classifier_outputs(model, digits_at_classifier_size(samples), device)
-    mu, sigma = gaussian_fit(logits)
+    mu, sigma, probabilities = logit_gaussian(model, samples, device)
     histogram = predicted_class_histogram(probabilities)
     dark_mean, midtone_fraction = background_noise(samples)
     return {
         "n_samples": int(samples.shape[0]),
         "image_size": int(samples.shape[1]),
-        "fid": frechet_distance(mu, sigma, reference["mu"].numpy(), reference["sigma"].numpy()),
+        "fid": fid_to_reference(mu, sigma, reference),
         "confidence": mean_confidence(probabilities),
         "confident_fraction": confident_fraction(probabilities),
         "per_class_confidence": per_class_confidence(probabilities),
