@@ -189,12 +189,32 @@ def weights_problem(checkpoint):
 
 
 def load_optimizer_state(optimizer, checkpoint, path):
-    """Load the checkpoint's optimizer state into optimizer (in place); CheckpointError when it does not fit."""
+    """Load the checkpoint's optimizer state into optimizer (in place); CheckpointError when it does not fit.
+
+    load_state_dict checks the parameter groups only; a moment of the wrong shape would fail at the first step,
+    so every tensor kept for a parameter (Adam's exp_avg, exp_avg_sq) must have that parameter's shape.
+    """
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (ValueError, KeyError, TypeError, IndexError) as error:
         raise CheckpointError(f"{path}: its optimizer state does not fit the model ({first_line(error)}); "
                               "train again") from None
+    problem = optimizer_state_problem(optimizer)
+    if problem:
+        raise CheckpointError(f"{path}: its optimizer state does not fit the model ({problem}); train again")
+
+
+def optimizer_state_problem(optimizer):
+    """Return which per-parameter state of a loaded optimizer does not have its parameter's shape, or None.
+
+    A scalar (Adam's step count) is not a per-element state and is not checked.
+    """
+    for group in optimizer.param_groups:
+        for index, parameter in enumerate(group["params"]):
+            for name, value in optimizer.state.get(parameter, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != parameter.shape:
+                    return f"{name} of parameter {index} is {tuple(value.shape)}, the parameter's {tuple(parameter.shape)}"
+    return None
 
 
 def sampling_weights(checkpoint):

@@ -765,6 +765,24 @@ def test_crafted_checkpoints_get_one_line_from_sample_and_from_resume(good_run, 
     assert CRAFTED_CHECKPOINTS[case] in one_line_error(capsys.readouterr())
 
 
+def test_optimizer_moments_of_the_wrong_shape_are_refused_on_resume_in_one_line(good_run, tmp_path, capsys):
+    """Adam moments cut to another shape pass load_state_dict (it checks only the parameter groups) and would fail
+    at the first step with a traceback: --resume says so in one line naming the optimizer state (exit 1), and
+    sample.py, which needs no optimizer, still samples from the same file."""
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint = checkpoints.load_checkpoint(str(good_run / "checkpoint.pt"))
+    state = checkpoint["optimizer"]["state"]
+    first = min(state)
+    state[first]["exp_avg"] = state[first]["exp_avg"].flatten()[:1].clone()
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert run_train(out, "--resume", "--epochs", "2") == 1
+    line = one_line_error(capsys.readouterr())
+    assert "optimizer state does not fit" in line and "exp_avg" in line
+    assert sample.main(["--checkpoint", str(out / "checkpoint.pt"), "--out", str(tmp_path / "s.png"), "--n", "2",
+                        "--sampler", "fast", "--steps", "2", "--device", "cpu"]) == 0
+
+
 @pytest.mark.parametrize("case", ["data_file_is_a_folder", "data_dir_is_a_file"])
 def test_data_paths_of_the_wrong_kind_get_one_line(tmp_path, capsys, case):
     """A data file that is a folder, a --data-dir that is a file: one line naming the path, exit 1."""
