@@ -669,7 +669,7 @@ def test_preset_on_resume_follows_the_rule_of_explicit_flags(good_run, tmp_path,
     shutil.copy(good_run / "checkpoint.pt", out / "checkpoint.pt")
     assert run_train(out, "--resume", "--preset", "quick") == 1
     line = one_line_error(capsys.readouterr())
-    assert "was trained with blocks_per_level=1" in line and "--preset quick" in line
+    assert "was trained with lr=0.001" in line and "lr=0.002" in line and "--preset quick" in line
 
 
 # ----------------------------------------------------------------------------- 13. what a run says

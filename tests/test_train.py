@@ -159,11 +159,13 @@ def test_the_quick_preset_decays_its_learning_rate_and_the_lecture_does_not():
 
 
 def test_preset_values_are_overridden_by_explicit_flags():
-    """--preset quick sets its widths and epochs; an explicit --epochs wins over the preset; the rest are the lecture's."""
+    """--preset quick sets its widths, learning rate and epochs; an explicit flag (--epochs, --lr) wins over the
+    preset; the rest are the lecture's."""
     config, _ = train.parse_config(["--preset", "quick", "--epochs", "3"])
     assert config["epochs"] == 3
-    assert config["widths"] == train.PRESETS["quick"]["widths"]
-    assert config["timesteps"] == 600 and config["img_size"] == 32 and config["lr"] == 1e-3
+    assert config["widths"] == train.PRESETS["quick"]["widths"] and config["lr"] == train.PRESETS["quick"]["lr"]
+    assert config["timesteps"] == 600 and config["img_size"] == 32 and config["schedule"] == "linear"
+    assert train.parse_config(["--preset", "quick", "--lr", "1e-3"])[0]["lr"] == 1e-3
     lecture, _ = train.parse_config([])
     assert (lecture["epochs"], lecture["batch_size"], lecture["lr"], lecture["timesteps"], lecture["img_size"]) == (
         25, 128, 1e-3, 600, 32)
