@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 import ddpm
 from support import images
-from tools import experiments
+from tools import evaluate, experiments
 
 deltas = st.lists(st.one_of(st.none(), st.floats(-100, 100, allow_nan=False)), min_size=0, max_size=8)
 
@@ -21,10 +22,18 @@ FIGURES = ("fid", "confidence", "class_entropy_nats", "dark_mean", "midtone_frac
 
 
 @pytest.fixture(scope="module")
-def tiny_results(tmp_path_factory):
-    """Run `experiments.py --tiny --device cpu` in a fresh process on one thread; return (out folder, results)."""
+def tiny_results(tmp_path_factory, trained):
+    """Run `experiments.py --tiny --device cpu` in a fresh process on one thread; return (out folder, results).
+
+    Its evaluation cache starts with a copy of the session's 2-epoch classifier (tests/conftest.py), which the run
+    loads as the cache of the bundled split instead of training the 10-epoch one: the tiny run checks the plumbing,
+    not the classifier.
+    """
     root = tmp_path_factory.mktemp("experiments")
     out = root / "out"
+    _, cache, cache_dir = trained
+    os.makedirs(root / "eval_cache")
+    shutil.copy(evaluate.cache_path(cache_dir, cache["split"]), evaluate.cache_path(str(root / "eval_cache"), cache["split"]))
     completed = subprocess.run(
         [sys.executable, "-m", "tools.experiments", "--tiny", "--device", "cpu", "--out", str(out), "--work", str(root / "work"),
          "--eval-cache", str(root / "eval_cache")],

@@ -138,20 +138,25 @@ def same_state(first, second):
 def test_sigkill_at_random_moments_always_leaves_a_checkpoint_that_loads_and_resumes(tmp_path):
     """SIGKILL at random moments of a run that checkpoints every epoch (6 steps): the checkpoint always loads and resumes.
 
-    The kills are bounded: 6 kills, each 0-0.5 s after the run wrote a new checkpoint, on a model large enough
-    (widths 32,64) that writing a checkpoint takes a noticeable share of an epoch.
+    The kills are bounded: 6 kills (the first of a fresh run, the others of --resume), each 0-0.5 s after the run
+    wrote a new checkpoint, on a model large enough (widths 32,64) that writing a checkpoint takes a noticeable share
+    of an epoch.
     """
     out = tmp_path / "run"
     arguments = [sys.executable, "train.py", *TINY, "--widths", "32,64", "--epochs", "1000", "--out", str(out)]
     rng = random.Random(0)
-    assert subprocess.run([*arguments, "--epochs", "1"], cwd=ROOT, env=subprocess_env(), capture_output=True).returncode == 0
+
+    def written():
+        """Return the checkpoint's modification time in ns, None before the first one."""
+        return (out / "checkpoint.pt").stat().st_mtime_ns if (out / "checkpoint.pt").exists() else None
+
     steps_seen = []
-    for _ in range(6):
-        written = (out / "checkpoint.pt").stat().st_mtime_ns
-        process = subprocess.Popen([*arguments, "--resume"], cwd=ROOT, env=subprocess_env(),
+    for kill in range(6):
+        before = written()
+        process = subprocess.Popen([*arguments, *(["--resume"] if kill else [])], cwd=ROOT, env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
-        while (out / "checkpoint.pt").stat().st_mtime_ns == written and time.monotonic() < deadline:
+        while written() == before and time.monotonic() < deadline:
             time.sleep(0.01)  # wait until the run has written a new checkpoint, so each kill finds progress
         time.sleep(rng.uniform(0, 0.5))  # then kill anywhere: mid-step, mid-write, between epochs
         process.send_signal(signal.SIGKILL)
