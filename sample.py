@@ -21,7 +21,7 @@ import torch
 import ddpm
 from support import arguments, checkpoints, files, images, runtime
 from support.arguments import positive_int, seed_problem
-from support.progress import Progress
+from support.progress import Progress, say
 
 SAMPLERS = ("ddpm", "fast", "ddim")
 DEFAULT_STEPS = 50  # of 'fast' and 'ddim' (at most T)
@@ -293,7 +293,7 @@ def run(args):
         written.append(frames_path(args.out))
     device = next(model.parameters()).device
     steps, _ = sampler_steps_and_eta(args.sampler, args.steps, args.eta, config["timesteps"])
-    print(f"{args.n} samples ({args.sampler}, {steps} steps, {runtime.resolve_precision(args.precision, device)} on "
+    say(f"{args.n} samples ({args.sampler}, {steps} steps, {runtime.resolve_precision(args.precision, device)} on "
           f"{device}) in {elapsed:.1f} s ({args.n / elapsed:.1f} images/s): wrote {', '.join(written)}")
     return 0
 
@@ -302,7 +302,7 @@ def run_export(args):
     """Write the checkpoint's EMA weights alone to args.export (export), say so, and return the exit code."""
     export(args.checkpoint, args.export)
     sizes = [os.path.getsize(path) / 1e6 for path in (args.export, args.checkpoint)]
-    print(f"wrote {args.export} ({sizes[0]:.1f} MB; the checkpoint is {sizes[1]:.1f} MB): the EMA weights in float32 "
+    say(f"wrote {args.export} ({sizes[0]:.1f} MB; the checkpoint is {sizes[1]:.1f} MB): the EMA weights in float32 "
           "with the model's configuration; read it with torch.load(FILE, weights_only=True) (see the README)")
     return 0
 

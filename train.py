@@ -395,7 +395,7 @@ def train(config, args):
         return 0
     warn_if_x_T_keeps_signal(run)
     stop = run_state.StopRequest()
-    previous_handlers = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_handlers = run_state.install_stop_request(stop)
     progress = Progress(run.config["epochs"] * run.steps_per_epoch, start=run.step, enabled=run.is_main,
                         scale=run.config["batch_size"] * run.world_size)
     known = [seconds for seconds in run.elapsed if math.isfinite(seconds)]

@@ -1,5 +1,6 @@
 """The one progress line of train.py and sample.py, on a terminal and off it (a notebook, nohup, CI logs)."""
 import math
+import os
 import sys
 import time
 
@@ -15,6 +16,24 @@ def format_duration(seconds):
     if hours:
         return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
     return f"{rest // 60}:{rest % 60:02d}"
+
+
+def say(text, stream=None, end="\n"):
+    """Print text to stream (default: stdout) and flush it; if it cannot be written (its reader has gone, a closed
+    pipe as in `python train.py | head` or a closed terminal; or the file it goes to is on a full disk), send this
+    and every later line to os.devnull and carry on.
+
+    The checkpoint, the samples and the report files are the work; the lines only describe it, so a reader that
+    stops reading must not stop (or lose) the work.
+    """
+    stream = sys.stdout if stream is None else stream
+    try:
+        print(text, end=end, file=stream, flush=True)
+    except OSError:  # BrokenPipeError (EPIPE), EIO from a hung-up terminal, ENOSPC
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        except (OSError, ValueError):  # a stream without a file descriptor: each later line fails quietly here
+            pass
 
 
 class Progress:
@@ -52,6 +71,6 @@ class Progress:
         left = (self.total - done) / rate if rate > 0 else float("nan")
         line = f"{text}  {rate * self.scale:.1f} {self.unit}  {format_duration(left)} left"
         if self.interactive:
-            print("\r" + line.ljust(LINE_WIDTH), end="\n" if final else "", file=self.stream, flush=True)
+            say("\r" + line.ljust(LINE_WIDTH), self.stream, end="\n" if final else "")
         else:
-            print(line, file=self.stream, flush=True)
+            say(line, self.stream)

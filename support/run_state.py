@@ -10,7 +10,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import ddpm
-from support import checkpoints, data, distributed, files, run_folder, runtime
+from support import checkpoints, data, distributed, files, progress, run_folder, runtime
 
 
 @dataclass
@@ -50,11 +50,11 @@ class Run:
     def log(self, message):
         """Print message on rank 0 only."""
         if self.is_main:
-            print(message, flush=True)
+            progress.say(message)
 
 
 class StopRequest:
-    """Remembers a Ctrl-C (SIGINT) or SIGTERM so that the loop can save and stop between two steps."""
+    """Remembers a Ctrl-C (SIGINT), SIGTERM or hang-up (SIGHUP) so that the loop can save and stop between two steps."""
 
     def __init__(self):
         self.signal_name = None
@@ -63,6 +63,18 @@ class StopRequest:
         if self.signal_name is not None:  # a second Ctrl-C while saving: stop at once
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+
+
+def install_stop_request(stop):
+    """Make stop the handler of SIGINT, SIGTERM and SIGHUP (closing the terminal); return {signal: previous handler}.
+
+    A SIGHUP that is ignored when the run starts (`nohup python train.py ...`) stays ignored: the user asked the run
+    to outlive the terminal. SIGHUP does not exist on Windows.
+    """
+    signals = [signal.SIGINT, signal.SIGTERM]
+    if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    return {sig: signal.signal(sig, stop) for sig in signals}
 
 
 def claim_output(run, args):

@@ -200,6 +200,54 @@ def test_ctrl_c_saves_at_the_current_step_and_resume_continues_there(tmp_path):
     assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == (step // 6 + 2) * 6
 
 
+def test_a_reader_that_stops_reading_stops_neither_training_nor_sampling(tmp_path):
+    """`python train.py | head -1`: the pipe closes after the first line, the run still trains every step and saves
+    (exit 0, no traceback); `python sample.py ... | head -0` likewise still writes its grid and .npz.
+
+    Without the guard the next progress line raises BrokenPipeError, an OSError: the run stops with an error and the
+    work since the last epoch's checkpoint is lost. The pipe is closed once a line has come, not after a sleep.
+    """
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "12", "--out", str(out)], cwd=ROOT,
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "error" not in stderr
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 12 * 6
+    sampling = subprocess.Popen([sys.executable, "sample.py", "--checkpoint", str(out / "checkpoint.pt"), "--n", "4",
+                                 "--sampler", "fast", "--steps", "5", "--out", str(tmp_path / "grid.png"), "--npz",
+                                 str(tmp_path / "samples.npz")], cwd=ROOT, env=subprocess_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampling.stdout.close()
+    stderr = sampling.stderr.read()
+    assert sampling.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and (tmp_path / "grid.png").is_file() and (tmp_path / "samples.npz").is_file()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
+@pytest.mark.parametrize("ignored_before", [False, True], ids=["terminal", "nohup"])
+def test_closing_the_terminal_saves_like_ctrl_c_but_nohup_keeps_the_run_going(ignored_before):
+    """SIGHUP gets the handler that SIGINT and SIGTERM get (the one the Ctrl-C test above drives: save at this
+    step, then stop), unless it was ignored when the run started, as under nohup: then it stays ignored."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if ignored_before else signal.SIG_DFL)
+        stop = train.run_state.StopRequest()
+        replaced = train.run_state.install_stop_request(stop)
+        assert signal.getsignal(signal.SIGINT) is stop and signal.getsignal(signal.SIGTERM) is stop
+        assert (signal.getsignal(signal.SIGHUP) is signal.SIG_IGN) == ignored_before
+        assert (signal.SIGHUP in replaced) == (not ignored_before)
+        if not ignored_before:
+            assert signal.getsignal(signal.SIGHUP) is stop
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert stop.signal_name == "SIGHUP"
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 # ----------------------------------------------------------------------------- 3. exact resume
 
 

@@ -56,6 +56,7 @@ from torch import nn
 
 from support import data, files, runtime
 from support.images import to_uint8
+from support.progress import say
 
 # Bump when the classifier's architecture, training recipe or the cached statistics change:
 # the cache file name carries it, so an old cache is never read by new code.
@@ -599,8 +600,8 @@ def main(argv=None):
               f"(use >= {FID_RELIABLE_SAMPLES}); compare only FIDs computed from the same N", file=sys.stderr)
     figures.update(classifier_version=CLASSIFIER_VERSION, reference_split=cache["split"],
                    classifier_heldout_accuracy=cache["heldout_accuracy"])
-    print(format_report(figures, cache))
-    print(json.dumps(strict_json_values(figures), allow_nan=False))
+    say(format_report(figures, cache))
+    say(json.dumps(strict_json_values(figures), allow_nan=False))
     return 0
 
 
