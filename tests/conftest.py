@@ -5,10 +5,10 @@ import os
 
 import pytest
 
+from repo_paths import BUNDLED_DATA
 from support import data
 from tools import evaluate
 
-BUNDLED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 # Two epochs instead of the default ten keep the suite fast; at lr 2e-3 they reach 0.97 on the held-out
 # 2,000 digits (ten epochs on 6,000 digits: 0.986), so test_evaluate's 0.95 bar has a margin of two points.
 TEST_EPOCHS = 2

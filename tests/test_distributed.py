@@ -27,11 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ddpm
 import train
+from repo_paths import BUNDLED_DATA, ROOT
 from support import checkpoints, data, runtime
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-TRAIN_SCRIPT = os.path.join(HERE, "train.py")
-BUNDLED_DATA = os.path.join(HERE, "data")
+TRAIN_SCRIPT = os.path.join(ROOT, "train.py")
 WORLD_SIZE = 2
 RUN_TIMEOUT_S = 120  # a hung collective fails the test instead of blocking the suite
 
@@ -112,10 +111,10 @@ def torchrun(flags, record_dir, extra_env=None):
     launcher = os.path.join(record_dir, "rank_recorder.py")
     with open(launcher, "w") as stream:
         stream.write(RANK_RECORDER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_REPO": HERE, "RECORD_DIR": str(record_dir), **(extra_env or {})}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_REPO": ROOT, "RECORD_DIR": str(record_dir), **(extra_env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
                launcher, *flags]
-    return subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
 
 def rank_records(record_dir):
@@ -358,7 +357,7 @@ def test_plain_run_mentions_processes_only_as_one_process(tmp_path):
     ranks, process groups or a per-process batch multiplier."""
     env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     process = subprocess.run([sys.executable, TRAIN_SCRIPT, *TINY_FLAGS, "--grid-samples", "0", "--epochs", "1",
-                              "--out", str(tmp_path / "run")], cwd=HERE, env={**env, "OMP_NUM_THREADS": "1"},
+                              "--out", str(tmp_path / "run")], cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"},
                              capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert_finished(process)
     output = process.stdout + process.stderr

@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from repo_paths import BUNDLED_DATA, ROOT
 from support import data, runtime
 from test_data import idx_bytes, write_file
 from tools import evaluate
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
-BUNDLED_DATA = os.path.join(HERE, "data")
 EVALUATE_COMMAND = [sys.executable, "-m", "tools.evaluate"]
 
 small_floats = st.floats(-3.0, 3.0, allow_nan=False, allow_infinity=False)
@@ -498,7 +497,7 @@ def test_cli_prints_every_figure_as_json_on_the_last_line(trained, mnist_dir, tm
     _, cache, cache_dir = trained
     digits, _ = data.load_mnist(mnist_dir)
     path = write_npz(tmp_path / "samples.npz", arr_0=evaluate.real_digits_like_samples(digits[6000:6064], SAMPLE_SIZE))
-    result = subprocess.run([*EVALUATE_COMMAND, path, "--data-dir", mnist_dir, "--cache", cache_dir], cwd=HERE,
+    result = subprocess.run([*EVALUATE_COMMAND, path, "--data-dir", mnist_dir, "--cache", cache_dir], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout.strip().splitlines()[-1])
@@ -570,7 +569,7 @@ def test_cli_refuses_bad_samples_with_one_line(case, tmp_path, capsys):
 def test_cli_bad_samples_exit_without_traceback_in_a_real_process(tmp_path):
     """A real `python -m tools.evaluate` on a float array exits non-zero with a single stderr line, no traceback."""
     path = bad_inputs(tmp_path)["float_dtype"]
-    result = subprocess.run([*EVALUATE_COMMAND, path, "--cache", str(tmp_path / "cache")], cwd=HERE,
+    result = subprocess.run([*EVALUATE_COMMAND, path, "--cache", str(tmp_path / "cache")], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and result.stdout == ""
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
