@@ -290,13 +290,16 @@ def load_cache(path):
     return model.eval(), cache
 
 
-def load_or_train_classifier(data_dir, cache_dir, epochs=TRAIN_EPOCHS):
+def load_or_train_classifier(data_dir, cache_dir, epochs=TRAIN_EPOCHS, split=None):
     """Return (model, cache): the cached LeNet of this data split, trained and cached first if absent.
+
+    split: classifier_split(data_dir) when the caller has it already (the digits are then not read again).
 
     cache = {"state_dict", "split", "heldout_accuracy", "train_seconds", "train_digits", "heldout_digits",
     "epochs", "references": {str(image_size): reference statistics}}; loaded with weights_only=True.
     """
-    train_images, train_labels, _, heldout_images, heldout_labels, split_name = classifier_split(data_dir)
+    split = classifier_split(data_dir) if split is None else split
+    train_images, train_labels, _, heldout_images, heldout_labels, split_name = split
     path = cache_path(cache_dir, split_name)
     if os.path.exists(path):
         return load_cache(path)
@@ -583,8 +586,8 @@ def main(argv=None):
     try:
         samples = load_samples(args.samples)
         device = runtime.resolve_device(args.device)
-        model, cache = load_or_train_classifier(args.data_dir, args.cache)
         split = classifier_split(args.data_dir)
+        model, cache = load_or_train_classifier(args.data_dir, args.cache, split=split)
         reference = cached_reference_statistics(model, cache, cache_path(args.cache, cache["split"]),
                                                 split.heldout_images, samples.shape[1], device)
         figures = sample_figures(samples, model, reference, device)
