@@ -294,7 +294,7 @@ def run(args):
     device = next(model.parameters()).device
     steps, _ = sampler_steps_and_eta(args.sampler, args.steps, args.eta, config["timesteps"])
     say(f"{args.n} samples ({args.sampler}, {steps} steps, {runtime.resolve_precision(args.precision, device)} on "
-          f"{device}) in {elapsed:.1f} s ({args.n / elapsed:.1f} images/s): wrote {', '.join(written)}")
+        f"{device}) in {elapsed:.1f} s ({args.n / elapsed:.1f} images/s): wrote {', '.join(written)}")
     return 0
 
 
@@ -303,7 +303,7 @@ def run_export(args):
     export(args.checkpoint, args.export)
     sizes = [os.path.getsize(path) / 1e6 for path in (args.export, args.checkpoint)]
     say(f"wrote {args.export} ({sizes[0]:.1f} MB; the checkpoint is {sizes[1]:.1f} MB): the EMA weights in float32 "
-          "with the model's configuration; read it with torch.load(FILE, weights_only=True) (see the README)")
+        "with the model's configuration; read it with torch.load(FILE, weights_only=True) (see the README)")
     return 0
 
 
