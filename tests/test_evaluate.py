@@ -422,8 +422,9 @@ def test_real_fid_of_all_the_floor_digits_is_one_fid_of_them_all(floor_setup):
 
 def test_real_fid_falls_with_n_and_its_spread_brackets_its_mean(floor_setup):
     """FID's finite-N bias (the covariance of n digits is noisy, which adds about trace terms / n) makes the mean
-    over 100 random subsets fall as n grows: 100 digits score above 400, 400 above 1,000 (measured about 3x
-    between neighbours); the 5th and 95th percentiles bracket the mean and the spread narrows with n."""
+    over 100 random subsets fall as n grows, by more than 1.5x from 100 digits to 400 and from 400 to 1,000
+    (measured with the session's classifier: 5.2, 1.4, 0.80; the rest is the floor digits' true distance from the
+    reference); the 5th and 95th percentiles bracket the mean and the spread narrows with n."""
     model, floor, reference = floor_setup
     figures = [evaluate.real_fid_figures(evaluate.real_digits_fids(model, floor, n, reference, SAMPLE_SIZE))
                for n in (100, 400, 1000)]
