@@ -311,7 +311,7 @@ def test_the_reference_is_the_2000_digits_train_py_never_reads_and_the_floor_200
     the first 6,000; the next 2,000 are the real digits of real_fid, unseen by the classifier like the reference."""
     digits, labels = data.load_mnist(mnist_dir)
     split = evaluate.classifier_split(mnist_dir)
-    assert split.name == "test" and evaluate.HELDOUT_FROM_TEST_SPLIT == data.HELD_OUT_TEST_DIGITS == 2000
+    assert split.name == "test" and data.HELD_OUT_TEST_DIGITS == 2000
     np.testing.assert_array_equal(split.heldout_images, digits[8000:])
     np.testing.assert_array_equal(split.heldout_labels, labels[8000:])
     np.testing.assert_array_equal(split.floor_images, digits[6000:8000])

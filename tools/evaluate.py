@@ -70,7 +70,6 @@ LEARNING_RATE = 2e-3
 # Without a downloaded training split the classifier trains on the first 6,000 test digits, the next 2,000 (the
 # DDPM's too) give real_fid, and the last 2,000, which train.py never reads (data.HELD_OUT_TEST_DIGITS), are the
 # reference.
-HELDOUT_FROM_TEST_SPLIT = data.HELD_OUT_TEST_DIGITS
 # The last 2,000 of the DDPM's training digits are kept from the classifier: real_fid's real digits.
 FLOOR_DIGITS = 2000
 EVAL_BATCH_SIZE = 1000
@@ -247,7 +246,7 @@ def classifier_split(data_dir):
     The DDPM's training digits (the first 8,000 of the bundled test split, or the 60,000-digit training split when
     it is present) less their last FLOOR_DIGITS train the classifier; those FLOOR_DIGITS are the floor's real digits
     (unseen by the classifier, like the reference: a classifier scores its own training digits more confidently).
-    The held-out digits, the test split's last HELDOUT_FROM_TEST_SPLIT (or, with the training split, all 10,000
+    The held-out digits, the test split's last data.HELD_OUT_TEST_DIGITS (or, with the training split, all 10,000
     test digits), are the reference.
     """
     images, labels = data.load_mnist(data_dir)
@@ -255,7 +254,7 @@ def classifier_split(data_dir):
     if split_name == "train":
         heldout_images, heldout_labels = (data.read_idx(os.path.join(data_dir, name)) for name in data.MNIST_TEST_FILES)
     else:
-        cut = len(images) - HELDOUT_FROM_TEST_SPLIT
+        cut = len(images) - data.HELD_OUT_TEST_DIGITS
         images, labels, heldout_images, heldout_labels = images[:cut], labels[:cut], images[cut:], labels[cut:]
     floor = len(images) - FLOOR_DIGITS
     return Split(images[:floor], labels[:floor], images[floor:], heldout_images, heldout_labels, split_name)
