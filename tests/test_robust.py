@@ -25,7 +25,7 @@ import torch
 import ddpm
 import sample
 import train
-from support import arguments, checkpoints
+from support import arguments, checkpoints, run_state
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--widths", "8,16", "--img-size", "16", "--timesteps", "20", "--max-images", "48", "--batch-size", "8",
@@ -234,8 +234,8 @@ def test_closing_the_terminal_saves_like_ctrl_c_but_nohup_keeps_the_run_going(ig
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         signal.signal(signal.SIGHUP, signal.SIG_IGN if ignored_before else signal.SIG_DFL)
-        stop = train.run_state.StopRequest()
-        replaced = train.run_state.install_stop_request(stop)
+        stop = run_state.StopRequest()
+        replaced = run_state.install_stop_request(stop)
         assert signal.getsignal(signal.SIGINT) is stop and signal.getsignal(signal.SIGTERM) is stop
         assert (signal.getsignal(signal.SIGHUP) is signal.SIG_IGN) == ignored_before
         assert (signal.SIGHUP in replaced) == (not ignored_before)
