@@ -493,9 +493,10 @@ def test_background_noise_real_digits_are_clean_textured_ones_are_not(figures_by
 # Command line
 # ---------------------------------------------------------------------------------------------------------
 
-def test_cli_prints_every_figure_as_json_on_the_last_line(trained, mnist_dir, tmp_path):
+def test_cli_prints_every_figure_as_json_on_the_last_line(trained, floor_setup, mnist_dir, tmp_path):
     """`python -m tools.evaluate samples.npz` exits 0; its last stdout line is JSON with every figure; N < 1000 warns."""
-    model, cache, cache_dir = trained
+    _, cache, cache_dir = trained
+    model, floor, reference = floor_setup
     digits, _ = data.load_mnist(mnist_dir)
     path = write_npz(tmp_path / "samples.npz", arr_0=evaluate.real_digits_like_samples(digits[6000:6064], SAMPLE_SIZE))
     result = subprocess.run([*EVALUATE_COMMAND, path, "--data-dir", mnist_dir, "--cache", cache_dir], cwd=ROOT,
@@ -508,10 +509,7 @@ def test_cli_prints_every_figure_as_json_on_the_last_line(trained, mnist_dir, tm
     # reference: what real_digits_fids gives in this process, to 1e-4 (the child may sum the float32 logits with
     # other threads, and FID's cancellations magnify that rounding). The old real_fid, the first 64 floor digits, the
     # samples themselves, scored 23.8 against a mean of 7.9.
-    split = evaluate.classifier_split(mnist_dir)
-    expected = evaluate.real_fid_figures(evaluate.real_digits_fids(
-        model, split.floor_images, 64, evaluate.reference_statistics(model, split.heldout_images, SAMPLE_SIZE),
-        SAMPLE_SIZE))
+    expected = evaluate.real_fid_figures(evaluate.real_digits_fids(model, floor, 64, reference, SAMPLE_SIZE))
     assert figures["n_real_fid"] == 64 and 0 < figures["real_fid_low"] < figures["real_fid"] < figures["real_fid_high"]
     for key, value in expected.items():
         assert figures[key] == pytest.approx(value, rel=1e-4), key

@@ -17,12 +17,12 @@ training split downloaded, the DDPM and the classifier train on it and the 10,00
 Figures:
 - fid: Frechet distance between Gaussians fitted to the classifier's logits (its 10 class scores) of the
   samples and of the reference digits (Heusel et al. 2017, with LeNet logits instead of Inception features).
-  Measured on 400 samples of a half-trained quick preset against the first 400 floor digits: the logits put the samples at
-  5.5x the real digits' FID, the 128 penultimate features at 2.8x; in 10 dimensions the covariance is also well
-  estimated from a few hundred samples, where 128 dimensions bias FID upward far more. On the trained quick
-  preset (1,000 fast-route samples) v2 gives 15.2 against a floor of 2.06 (7.4x; the floor was then the first
-  1,000 floor digits, 2.57 as a random draw's mean); v1 put the previous
-  preset's samples at 1.9x its floor, where an independent judge saw 5.7x.
+  Measured on 400 samples of a half-trained quick preset against the first 400 floor digits: the logits put the
+  samples at 5.5x the real digits' FID, the 128 penultimate features at 2.8x; in 10 dimensions the covariance is
+  also well estimated from a few hundred samples, where 128 dimensions bias FID upward far more. On the trained
+  quick preset (1,000 fast-route samples) v2 gives 15.2 against a floor of 2.06 (7.4x; the floor was then the
+  first 1,000 floor digits, 2.57 as a random draw's mean); v1 put the previous preset's samples at 1.9x its
+  floor, where an independent judge saw 5.7x.
 - real_fid: the same for as many real digits as samples (n_real_fid, at most 2,000), drawn from the digits the
   DDPM trains on and the classifier does not: what a generator that reproduced its training digits would score.
   It is the mean over 100 seeded random N-subsets of those 2,000, with the 5th and 95th percentiles
@@ -441,7 +441,8 @@ def cached_reference_statistics(model, cache, path, real_images, image_size, dev
     return cache["references"][key]
 
 
-def real_digits_fids(model, real_images, n, reference, image_size, device="cpu", subsets=None, seed=None):
+def real_digits_fids(model, real_images, n, reference, image_size, device="cpu", subsets=REAL_FID_SUBSETS,
+                     seed=REAL_FID_SEED):
     """Return the FIDs against reference of `subsets` random n-subsets of real uint8 digits (N, 28, 28).
 
     Each digit takes the samples' path once (real_digits_like_samples, digits_at_classifier_size, its logits);
@@ -450,8 +451,6 @@ def real_digits_fids(model, real_images, n, reference, image_size, device="cpu",
     With the digits the DDPM trained on and n = the number of samples, this is what a generator that reproduced
     its training digits exactly would score at that N (finite-N bias included), and how much that moves by chance.
     """
-    subsets = REAL_FID_SUBSETS if subsets is None else subsets
-    seed = REAL_FID_SEED if seed is None else seed
     logits, _ = classifier_outputs(model, digits_at_classifier_size(real_digits_like_samples(real_images, image_size)),
                                    device)
     if n >= len(logits):
