@@ -319,17 +319,11 @@ def ddim_timesteps(timesteps, steps):
 
 
 @torch.no_grad()
-def ddim_step(model, x, t, t_prev, schedule, eta=0.0, noise=None, clip_x0=False, generator=None):
-    """Return x_{t_prev}: one DDIM update from x = x_t to an earlier timestep t_prev (t_prev = -1 means x_0).
+def ddim_denoise(model, x, t, schedule, clip_x0=False):
+    """Return (x0_hat, eps): the network's noise estimate at x = x_t and the x0 it implies.
 
     eps = model(x_t, t),  x0_hat = (x_t - sqrt(1 - abar_t) * eps) / sqrt(abar_t)
     with clip_x0: x0_hat = clamp(x0_hat, -1, 1) and eps = (x_t - sqrt(abar_t) * x0_hat) / sqrt(1 - abar_t)
-    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
-    x_prev = sqrt(abar_prev) * x0_hat + sqrt(max(1 - abar_prev - sigma^2, 0)) * eps + sigma * z   (Song et al., eq. 12)
-    abar_prev = alphas_cumprod_prev[t_prev + 1], so abar_prev = 1 at t_prev = -1.
-    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step; where sigma^2 > 1 - abar_prev
-    (possible for eta > 1) the eps direction is dropped. z is drawn even when sigma = 0: one draw per step,
-    as in sample_timestep.
     """
     t_batch = timestep_batch(t, x.shape[0], x.device)
     predicted_noise = model(x, t_batch).to(x.dtype)
@@ -337,6 +331,19 @@ def ddim_step(model, x, t, t_prev, schedule, eta=0.0, noise=None, clip_x0=False,
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
         predicted_noise = noise_from_x0(x, t_batch, x0, schedule)
+    return x0, predicted_noise
+
+
+def ddim_update(x, t, t_prev, x0, predicted_noise, schedule, eta=0.0, noise=None, generator=None):
+    """Return x_{t_prev}: the DDIM update from x = x_t given x0_hat and eps (t_prev = -1 means x_0).
+
+    sigma = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)
+    x_prev = sqrt(abar_prev) * x0_hat + sqrt(max(1 - abar_prev - sigma^2, 0)) * eps + sigma * z   (Song et al., eq. 12)
+    abar_prev = alphas_cumprod_prev[t_prev + 1], so abar_prev = 1 at t_prev = -1.
+    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step; where sigma^2 > 1 - abar_prev
+    (possible for eta > 1) the eps direction is dropped. z is drawn even when sigma = 0: one draw per step,
+    as in sample_timestep.
+    """
     alphas_cumprod_t = schedule.alphas_cumprod[t].to(x.dtype)
     alphas_cumprod_prev = schedule.alphas_cumprod_prev[t_prev + 1].to(x.dtype)
     sigma = eta * torch.sqrt(
@@ -349,21 +356,64 @@ def ddim_step(model, x, t, t_prev, schedule, eta=0.0, noise=None, clip_x0=False,
 
 
 @torch.no_grad()
+def ddim_step(model, x, t, t_prev, schedule, eta=0.0, noise=None, clip_x0=False, generator=None):
+    """Return x_{t_prev}: one DDIM step from x = x_t, ddim_update at the network's (x0_hat, eps) (ddim_denoise)."""
+    x0, predicted_noise = ddim_denoise(model, x, t, schedule, clip_x0=clip_x0)
+    return ddim_update(x, t, t_prev, x0, predicted_noise, schedule, eta=eta, noise=noise, generator=generator)
+
+
+def half_log_snr(schedule, t):
+    """Return lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t)), half the log signal-to-noise ratio at t, in float64."""
+    alphas_cumprod_t = float(schedule.alphas_cumprod[t])
+    return 0.5 * (math.log(alphas_cumprod_t) - math.log1p(-alphas_cumprod_t))
+
+
+def multistep_x0(x0, x0_before, t_before, t, t_prev, schedule):
+    """Return D: the x0 prediction carried to the middle of the step t -> t_prev by the line through the last two.
+
+    D = x0 + (x0 - x0_before) / (2 r),  r = h_before / h,
+    h = lambda_{t_prev} - lambda_t,  h_before = lambda_t - lambda_{t_before}   (t_before > t > t_prev >= 0)
+    where x0_before was predicted at t_before, the step before. With D and the eps it implies in place of
+    (x0_hat, eps), the DDIM update is DPM-Solver++(2M) (Lu et al., 2022): at eta = 0 its ODE form, at eta = 1 its
+    SDE form with the midpoint rule. Either is second order: halving the step size quarters the error, where the
+    DDIM update halves it.
+    """
+    if not t_before > t > t_prev >= 0:
+        raise ValueError(f"multistep_x0 needs t_before > t > t_prev >= 0, got {t_before}, {t}, {t_prev}")
+    h = half_log_snr(schedule, t_prev) - half_log_snr(schedule, t)
+    h_before = half_log_snr(schedule, t) - half_log_snr(schedule, t_before)
+    return x0 + (x0 - x0_before) * (h / (2 * h_before))
+
+
+@torch.no_grad()
 def ddim_sample(model, schedule, shape, steps=50, eta=0.0, generator=None, clip_x0=False, num_frames=0, x_T=None,
-                callback=None):
+                callback=None, order=1):
     """Return (x0, frames): images drawn with DDIM over `steps` timesteps of the schedule.
 
     x_T ~ N(0, I);  for tau_k in reversed(tau):  x = ddim_step(x, tau_k, tau_{k-1})   (tau_{-1} = -1: x_0)
+    order = 2: from the second step on, up to the last, the update takes D = multistep_x0(x0_hat, the previous
+    step's x0_hat) and eps = (x_t - sqrt(abar_t) * D) / sqrt(1 - abar_t): DPM-Solver++(2M). The first step has no
+    previous prediction and the last lands on abar = 1 (lambda infinite), so both stay first order.
     frames and callback as in `sample`, over the `steps` steps.
     """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 (DDIM) or 2 (DPM-Solver++(2M)), got {order!r}")
     device = schedule.betas.device
     x = torch.randn(shape, generator=generator, device=device) if x_T is None else x_T
     taus = ddim_timesteps(schedule.timesteps, steps)
     previous_taus = [-1] + taus[:-1]
     keep = frame_positions(len(taus), num_frames)
     frames = []
+    x0_before, t_before = None, None
     for step, (t, t_prev) in enumerate(zip(reversed(taus), reversed(previous_taus))):
-        x = ddim_step(model, x, t, t_prev, schedule, eta=eta, clip_x0=clip_x0, generator=generator)
+        x0, predicted_noise = ddim_denoise(model, x, t, schedule, clip_x0=clip_x0)
+        if order == 2 and x0_before is not None and t_prev >= 0:
+            x0_used = multistep_x0(x0, x0_before, t_before, t, t_prev, schedule)
+            predicted_noise = noise_from_x0(x, timestep_batch(t, x.shape[0], x.device), x0_used, schedule)
+        else:
+            x0_used = x0
+        x0_before, t_before = x0, t
+        x = ddim_update(x, t, t_prev, x0_used, predicted_noise, schedule, eta=eta, generator=generator)
         if step in keep:
             frames.append(x.clone())
         if callback is not None:

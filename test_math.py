@@ -1111,3 +1111,162 @@ def test_ddim_sample_visits_tau_frames_and_progress_and_defaults():
     for t, t_prev in zip(reversed(taus), reversed([-1] + taus[:-1])):
         x = ddpm.ddim_step(zero, x, t, t_prev, schedule, eta=0.0, noise=gaussian(x.shape, t, F32), clip_x0=False)
     assert torch.equal(default, x)
+
+
+# ----------------------------------------------------------------------------- beyond the lecture: second order
+
+
+def half_log_snrs(schedule):
+    """Return [lambda_0, ..., lambda_{T-1}], lambda_t = log(abar_t / (1 - abar_t)) / 2, from the betas by a Python
+    loop (running_product), sharing nothing with ddpm.half_log_snr."""
+    return [0.5 * math.log(abar / (1 - abar)) for abar in running_product(schedule.betas.tolist())]
+
+
+@st.composite
+def three_timesteps(draw):
+    """A float64 schedule with T >= 3 and t_before > t > t_prev >= 0 in it."""
+    schedule = draw(schedules())
+    assume(schedule.timesteps >= 3)
+    t_prev, t, t_before = sorted(draw(st.lists(st.integers(0, schedule.timesteps - 1), min_size=3, max_size=3,
+                                               unique=True)))
+    return schedule, t_before, t, t_prev
+
+
+@given(three_timesteps(), image_dims, seeds)
+def test_second_order_update_is_dpm_solver_plus_plus_in_its_log_snr_form(steps, dims, seed):
+    """The DDIM update at D = multistep_x0(...) and the eps D implies is DPM-Solver++(2M) as Lu et al. (2022) write
+    it, with alpha = sqrt(abar), sigma = sqrt(1 - abar), h = lambda_prev - lambda_t, r = h_before / h:
+
+    D = (1 + 1/(2r)) x0 - 1/(2r) x0_before
+    eta = 0 (ODE):       x_prev = sigma_prev / sigma_t * x_t + alpha_prev (1 - e^-h) D
+    eta = 1 (SDE):       x_prev = sigma_prev / sigma_t * e^-h * x_t + alpha_prev (1 - e^-2h) D
+                                  + sigma_prev sqrt(1 - e^-2h) z
+    computed here from lambdas of the running product of the betas, in float64. The code gets there another way
+    (sqrt(abar) and sqrt(1 - abar - sigma^2) of its tables, lambda from its cumprod table), so the two agree to the
+    rounding of lambda: each lambda carries an absolute error up to about (T u + cancellation) (the product's t + 1
+    roundings, then log of 1 - abar), which the differences h and h_before turn into a relative error of that over
+    |h| and |h_before|; 32 of those cover both sides with room. A wrong r (inverted, or h for h_before), a dropped
+    half or a wrong coefficient moves the result by a fraction of its magnitude, orders of magnitude above that.
+    """
+    schedule, t_before, t, t_prev = steps
+    shape = (1, *dims)
+    x_t, x0, x0_before, z = (gaussian(shape, seed + k) for k in range(4))
+    lambdas = half_log_snrs(schedule)
+    abar = running_product(schedule.betas.tolist())
+    lambda_error = ROUNDINGS * (schedule.timesteps * unit_roundoff(F64) + cancellation(schedule))
+    for step in (t_before, t, t_prev):
+        assert abs(ddpm.half_log_snr(schedule, step) - lambdas[step]) <= lambda_error * (1 + abs(lambdas[step]))
+    h, h_before = lambdas[t_prev] - lambdas[t], lambdas[t] - lambdas[t_before]
+    r = h_before / h
+    floor = 2 * lambda_error * (1 + max(abs(value) for value in lambdas)) * (1 / h + 1 / h_before)
+    expected_d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_before
+    d = ddpm.multistep_x0(x0, x0_before, t_before, t, t_prev, schedule)
+    d_magnitude = (1 + 1 / (2 * r)) * x0.abs() + 1 / (2 * r) * x0_before.abs()
+    assert_within_rounding(d, expected_d, d_magnitude, floor=floor)
+    sigma_t, sigma_prev, alpha_prev = math.sqrt(1 - abar[t]), math.sqrt(1 - abar[t_prev]), math.sqrt(abar[t_prev])
+    eps = ddpm.noise_from_x0(x_t, torch.tensor([t]), d, schedule)
+    ode = ddpm.ddim_update(x_t, t, t_prev, d, eps, schedule, eta=0.0, noise=z)
+    expected_ode = sigma_prev / sigma_t * x_t + alpha_prev * -math.expm1(-h) * expected_d
+    magnitude = (sigma_prev / sigma_t * x_t.abs() + alpha_prev * d_magnitude
+                 + sigma_prev * (x_t.abs() + math.sqrt(abar[t]) * d_magnitude) / sigma_t)
+    assert_within_rounding(ode, expected_ode, magnitude, floor=floor + ROUNDINGS * cancellation(schedule))
+    sde = ddpm.ddim_update(x_t, t, t_prev, d, eps, schedule, eta=1.0, noise=z)
+    expected_sde = (sigma_prev / sigma_t * math.exp(-h) * x_t + alpha_prev * -math.expm1(-2 * h) * expected_d
+                    + sigma_prev * math.sqrt(-math.expm1(-2 * h)) * z)
+    # Song et al.'s sqrt(1 - abar_prev - sigma^2), as the code writes it, cancels where sigma^2 nearly equals
+    # 1 - abar_prev (eta = 1 and abar_t << abar_prev): the difference's absolute error delta = 32 u (1 - abar_prev)
+    # moves the coefficient, whose exact value is sigma_prev^2 sqrt(abar_t / abar_prev) / sigma_t, by at most
+    # min(sqrt(delta), delta / (2 coefficient)), times |eps|.
+    delta = ROUNDINGS * unit_roundoff(F64) * (1 - abar[t_prev])
+    coefficient = (1 - abar[t_prev]) * math.sqrt(abar[t] / abar[t_prev]) / sigma_t
+    cancelled = min(math.sqrt(delta), delta / (2 * coefficient)) * eps.abs()
+    sde_magnitude = magnitude + sigma_prev * z.abs()
+    assert_within_rounding(sde, expected_sde, sde_magnitude,
+                           floor=floor + ROUNDINGS * cancellation(schedule) + cancelled / sde_magnitude)
+
+
+class SmoothX0Model(torch.nn.Module):
+    """eps_theta whose x0 prediction depends on t alone, smoothly in lambda: x0_hat(lambda) = a + b e^-lambda.
+
+    The probability-flow ODE then has the closed-form solution (Lu et al., 2022, eq. 9, integrated by hand)
+    x_t / sigma_t = x_s / sigma_s + a (e^lambda_t - e^lambda_s) + b (lambda_t - lambda_s).
+    Uses its own float64 abar and lambda tables (running_product)."""
+
+    def __init__(self, schedule, a, b):
+        super().__init__()
+        self.abar = running_product(schedule.betas.tolist())
+        self.lambdas, self.a, self.b = half_log_snrs(schedule), a, b
+
+    def x0(self, t):
+        return self.a + self.b * math.exp(-self.lambdas[t])
+
+    def forward(self, x, t):
+        (step,) = set(t.tolist())
+        return (x - math.sqrt(self.abar[step]) * self.x0(step)) / math.sqrt(1 - self.abar[step])
+
+    def exact(self, x_s, s, t):
+        """Return x_t on the ODE's solution through x_s at s."""
+        sigma = [math.sqrt(1 - abar) for abar in (self.abar[s], self.abar[t])]
+        lam_s, lam_t = self.lambdas[s], self.lambdas[t]
+        return sigma[1] * (x_s / sigma[0] + self.a * (math.exp(lam_t) - math.exp(lam_s)) + self.b * (lam_t - lam_s))
+
+
+def test_second_order_sampler_converges_at_second_order_where_ddim_converges_at_first():
+    """Deterministic (eta = 0) chains from x_T at T-1 to t = 0 (the state before the last step, frames[-2]) of the
+    lecture's schedule, against the ODE's exact solution for the SmoothX0Model:
+
+    doubling the steps (100 -> 200) halves DDIM's error (ratio 2 for order 1: measured 2.1) and divides order 2's
+    by more than 3 (4 in the limit, measured 3.4: the first step is first order and the steps are even in t, not in
+    lambda). With b = 0 (x0_hat constant) both are exact to rounding: DDIM's own property, which the correction
+    keeps because it vanishes when x0_hat does not change.
+    """
+    schedule = lecture_schedule(600)
+    x_T = torch.tensor([[[[0.7]]]], dtype=F64)
+
+    def error(model, steps, order):
+        _, frames = ddpm.ddim_sample(model, schedule, x_T.shape, steps=steps, x_T=x_T, order=order, num_frames=steps)
+        return abs(frames[-2].item() - model.exact(0.7, 599, 0))
+
+    smooth = SmoothX0Model(schedule, a=0.3, b=-0.7)
+    first = [error(smooth, steps, 1) for steps in (100, 200)]
+    second = [error(smooth, steps, 2) for steps in (100, 200)]
+    assert 1.7 < first[0] / first[1] < 2.5
+    assert second[0] / second[1] > 3
+    assert second[1] < first[1] / 2
+    constant = SmoothX0Model(schedule, a=0.3, b=0.0)
+    for order in (1, 2):
+        assert error(constant, 50, order) < 1e-12
+
+
+def test_second_order_sample_is_first_order_at_its_first_and_last_step_and_multistep_between():
+    """ddim_sample(order=2): step 1 is ddim_step (no earlier x0_hat); steps 2 .. S-1 are ddim_update at
+    D = multistep_x0(x0_hat, the previous step's x0_hat) with eps from D; the last step, to abar = 1, is ddim_step
+    again. The clipped x0_hat is what is remembered. Other orders are refused, as is a multistep_x0 whose
+    timesteps are not t_before > t > t_prev >= 0."""
+    schedule = lecture_schedule(600, dtype=F32)
+    model = TwoPointOracle(schedule)
+    result, frames = ddpm.ddim_sample(model, schedule, (3, 1, 2, 2), steps=7, eta=0.5, clip_x0=True, num_frames=7,
+                                      generator=seeded(4), order=2)
+    x, *noises = generator_draws(4, 8, (3, 1, 2, 2), torch.float32)
+    taus = ddpm.ddim_timesteps(600, 7)
+    pairs = list(zip(reversed(taus), reversed([-1] + taus[:-1])))
+    expected_frames, x0_before = [], None
+    for position, ((t, t_prev), noise) in enumerate(zip(pairs, noises)):
+        x0, eps = ddpm.ddim_denoise(model, x, t, schedule, clip_x0=True)
+        if position in (0, 6):
+            x_next = ddpm.ddim_step(model, x, t, t_prev, schedule, eta=0.5, noise=noise, clip_x0=True)
+        else:
+            d = ddpm.multistep_x0(x0, x0_before, pairs[position - 1][0], t, t_prev, schedule)
+            eps_d = ddpm.noise_from_x0(x, torch.full((3,), t), d, schedule)
+            x_next = ddpm.ddim_update(x, t, t_prev, d, eps_d, schedule, eta=0.5, noise=noise)
+        x, x0_before = x_next, x0
+        expected_frames.append(x)
+    assert torch.equal(result, x) and all(torch.equal(a, b) for a, b in zip(frames, expected_frames))
+    first_order, _ = ddpm.ddim_sample(model, schedule, (3, 1, 2, 2), steps=7, eta=0.5, clip_x0=True,
+                                      generator=seeded(4))
+    assert not torch.equal(first_order, result)
+    with pytest.raises(ValueError, match="order must be 1"):
+        ddpm.ddim_sample(model, schedule, (1, 1, 1, 1), steps=3, order=3)
+    for t_before, t, t_prev in ((5, 5, 1), (5, 3, 4), (5, 3, -1)):
+        with pytest.raises(ValueError, match="t_before > t > t_prev >= 0"):
+            ddpm.multistep_x0(x0, x0, t_before, t, t_prev, schedule)

@@ -149,17 +149,22 @@ def test_weights_that_do_not_fit_their_configuration_get_one_line(weights_path, 
 # ----------------------------------------------------------------------------- draw and grid
 
 
-@pytest.mark.parametrize("sampler, steps, eta", [("fast", 50, 1.0), ("ddim", 50, 0.0), ("ddim", 7, 0.5),
-                                                 ("fast", 10, 1.0)])
-def test_draw_fast_and_ddim_are_ddim_sample_with_their_eta_and_steps(loaded, sampler, steps, eta):
-    """fast = ddpm.ddim_sample with eta 1 over 50 steps by default; ddim = eta 0; both from the (seed, 0) generator."""
+@pytest.mark.parametrize("sampler, steps, eta, order", [("fast", 50, 1.0, 2), ("ddim", 50, 0.0, 1),
+                                                        ("ddim", 7, 0.5, 2), ("fast", 10, 1.0, 1)])
+def test_draw_fast_and_ddim_are_ddim_sample_with_their_eta_steps_and_order(loaded, sampler, steps, eta, order):
+    """fast = ddpm.ddim_sample with eta 1 and order 2 over 50 steps by default; ddim = eta 0, order 1; both from the
+    (seed, 0) generator. Order 1 and 2 differ on this model, so a wrong default order fails the default cases."""
     model, schedule, config = loaded
     given = {} if steps == 50 else {"steps": steps}
     given.update({} if eta == sample.DEFAULT_ETA[sampler] else {"eta": eta})
+    given.update({} if order == sample.DEFAULT_ORDER[sampler] else {"order": order})
     drawn = sample.draw(model, schedule, config, n=3, sampler=sampler, seed=5, progress=False, **given)
-    expected, _ = ddpm.ddim_sample(model, schedule, (3, 1, 16, 16), steps=steps, eta=eta,
+    expected, _ = ddpm.ddim_sample(model, schedule, (3, 1, 16, 16), steps=steps, eta=eta, order=order,
                                    generator=runtime.seeded_generator(5, 0))
     assert torch.equal(drawn, expected)
+    other_order, _ = ddpm.ddim_sample(model, schedule, (3, 1, 16, 16), steps=steps, eta=eta, order=3 - order,
+                                      generator=runtime.seeded_generator(5, 0))
+    assert not torch.equal(drawn, other_order)
 
 
 def test_draw_ddpm_is_the_lecture_sampler_over_all_t_steps(loaded):
@@ -187,6 +192,9 @@ def test_sample_py_writes_what_draw_returns(checkpoint_path, loaded, tmp_path):
     (dict(sampler="ddpm", steps=10), "the ddpm sampler takes all T steps"),
     (dict(sampler="fast", eta=-1.0), "eta must be a number >= 0"),
     (dict(sampler="ddim", eta=float("nan")), "eta must be a number >= 0"),
+    (dict(sampler="ddpm", order=2), "no eta and no order"),
+    (dict(sampler="fast", order=3), "order must be 1 (the DDIM update) or 2"),
+    (dict(sampler="ddim", order=True), "order must be 1 (the DDIM update) or 2"),
     (dict(n=0), "n must be a positive integer"),
     (dict(n=2.0), "n must be a positive integer"),
     (dict(batch_size=0), "batch_size must be a positive integer"),

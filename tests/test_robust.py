@@ -53,6 +53,7 @@ BAD_SAMPLE_ARGUMENTS = [
     (["--eta", "inf"], "--eta must be"),
     (["--eta", "-1"], "--eta must be"),
     (["--eta", "1.5"], "--eta must be"),
+    (["--order", "3"], "invalid choice"),
     (["--seed", "-1"], "--seed must be"),
     (["--seed", str(2**70)], "--seed must be"),
 ]
@@ -758,7 +759,8 @@ def test_training_warns_when_x_T_keeps_signal_that_sampling_does_not_start_from(
 
 @pytest.mark.parametrize("arguments, message", BAD_SAMPLE_ARGUMENTS)
 def test_bad_sample_arguments_get_an_argparse_error_before_any_work(good_run, tmp_path, capsys, arguments, message):
-    """sample.py: a non-finite or out-of-range --eta, a --seed no generator takes: exit 2 naming the flag."""
+    """sample.py: a non-finite or out-of-range --eta, an --order other than 1 or 2, a --seed no generator takes:
+    exit 2 naming the flag."""
     with pytest.raises(SystemExit) as stop:
         sample.main(["--checkpoint", str(good_run / "checkpoint.pt"), "--sampler", "ddim", "--out",
                      str(tmp_path / "s.png"), "--device", "cpu", *arguments])

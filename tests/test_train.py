@@ -265,16 +265,18 @@ def test_explicit_precision_is_kept_on_any_gpu(fake_gpu):
 
 def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_time(trained_run):
     """train.py's preview grid: the same seed gives the same grid (each epoch starts from the same x_T and step noise),
-    and it is the eta = 1 route (the DDIM update with the posterior's noise), not deterministic DDIM (eta = 0)."""
+    and it is the fast route (eta = 1: the posterior's noise, second-order update), not deterministic DDIM (eta = 0)."""
     checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
     config = checkpoint["config"]
     model = checkpoints.model_from_checkpoint(checkpoint, torch.device("cpu"), "fp32")
     schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"])
     grid = sample.preview_grid(model, schedule, config, torch.device("cpu"), "fp32")
     assert np.array_equal(grid, sample.preview_grid(model, schedule, config, torch.device("cpu"), "fp32"))
-    assert sample.PREVIEW_ETA == 1.0
     shape = (config["grid_samples"], config["channels"], config["img_size"], config["img_size"])
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(config["seed"]))
+    fast, _ = ddpm.ddim_sample(model, schedule, shape, steps=min(50, config["timesteps"]), eta=1.0, order=2, x_T=x_T,
+                               generator=runtime.seeded_generator(config["seed"], 1))
+    assert np.array_equal(grid, images.make_grid(images.to_uint8(fast), nrow=2))
     deterministic, _ = ddpm.ddim_sample(model, schedule, shape, steps=min(sample.PREVIEW_STEPS, config["timesteps"]),
                                         eta=0.0, x_T=x_T)
     deterministic_grid = images.make_grid(images.to_uint8(deterministic), nrow=2)
