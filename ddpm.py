@@ -2,7 +2,8 @@
 
 Reads in the order of the lecture: schedule -> forward process -> the noise derivation -> posterior ->
 reverse step -> sampling loop -> loss. After the loss, in a section marked as beyond the lecture:
-the cosine schedule (Nichol and Dhariwal, 2021) and the DDIM sampler (Song et al., 2021).
+the cosine schedule (Nichol and Dhariwal, 2021), the DDIM sampler (Song et al., 2021) and its
+second-order update (DPM-Solver++(2M), Lu et al., 2022).
 
 Indexing: the code's t = 0 .. T-1 is the paper's t = 1 .. T (Ho et al., 2020). So
 alphas_cumprod[t] = prod_{i <= t} (1 - betas[i]) and alphas_cumprod_prev[0] = 1 stands for abar_0 = 1.
@@ -375,8 +376,8 @@ def multistep_x0(x0, x0_before, t_before, t, t_prev, schedule):
     h = lambda_{t_prev} - lambda_t,  h_before = lambda_t - lambda_{t_before}   (t_before > t > t_prev >= 0)
     where x0_before was predicted at t_before, the step before. With D and the eps it implies in place of
     (x0_hat, eps), the DDIM update is DPM-Solver++(2M) (Lu et al., 2022): at eta = 0 its ODE form, at eta = 1 its
-    SDE form with the midpoint rule. Either is second order: halving the step size quarters the error, where the
-    DDIM update halves it.
+    SDE form with the midpoint rule. The ODE form is second order: halving the step size quarters its error, where
+    the DDIM update's halves.
     """
     if not t_before > t > t_prev >= 0:
         raise ValueError(f"multistep_x0 needs t_before > t > t_prev >= 0, got {t_before}, {t}, {t_prev}")
