@@ -1238,35 +1238,49 @@ def test_second_order_sampler_converges_at_second_order_where_ddim_converges_at_
         assert error(constant, 50, order) < 1e-12
 
 
-def test_second_order_sample_is_first_order_at_its_first_and_last_step_and_multistep_between():
+@pytest.mark.parametrize("clip", [True, False], ids=["two_point_clipped", "smooth"])
+def test_second_order_sample_is_first_order_at_its_first_and_last_step_and_multistep_between(clip):
     """ddim_sample(order=2): step 1 is ddim_step (no earlier x0_hat); steps 2 .. S-1 are ddim_update at
-    D = multistep_x0(x0_hat, the previous step's x0_hat) with eps from D; the last step, to abar = 1, is ddim_step
-    again. The clipped x0_hat is what is remembered. Other orders are refused, as is a multistep_x0 whose
-    timesteps are not t_before > t > t_prev >= 0."""
+    D = multistep_x0(x0_hat, the previous step's x0_hat) with eps from D (D differs from x0_hat at each of them, so
+    each shows); the last step, to abar = 1, is ddim_step again. With clipping (the two-point oracle), the clipped
+    x0_hat is what is remembered; without (the smooth model), the raw one. Two images of three channels, so that a
+    timestep batch of the wrong length cannot broadcast. Other orders are refused, as is a multistep_x0 whose
+    timesteps are not t_before > t > t_prev >= 0; ddim_denoise and ddim_update default to no clipping and eta = 0."""
     schedule = lecture_schedule(600, dtype=F32)
-    model = TwoPointOracle(schedule)
-    result, frames = ddpm.ddim_sample(model, schedule, (3, 1, 2, 2), steps=7, eta=0.5, clip_x0=True, num_frames=7,
+    model = TwoPointOracle(schedule) if clip else SmoothX0Model(schedule, a=0.3, b=-0.7)
+    result, frames = ddpm.ddim_sample(model, schedule, (2, 3, 2, 2), steps=7, eta=0.5, clip_x0=clip, num_frames=7,
                                       generator=seeded(4), order=2)
-    x, *noises = generator_draws(4, 8, (3, 1, 2, 2), torch.float32)
+    x, *noises = generator_draws(4, 8, (2, 3, 2, 2), torch.float32)
     taus = ddpm.ddim_timesteps(600, 7)
     pairs = list(zip(reversed(taus), reversed([-1] + taus[:-1])))
     expected_frames, x0_before = [], None
     for position, ((t, t_prev), noise) in enumerate(zip(pairs, noises)):
-        x0, eps = ddpm.ddim_denoise(model, x, t, schedule, clip_x0=True)
+        x0, eps = ddpm.ddim_denoise(model, x, t, schedule, clip_x0=clip)
         if position in (0, 6):
-            x_next = ddpm.ddim_step(model, x, t, t_prev, schedule, eta=0.5, noise=noise, clip_x0=True)
+            x_next = ddpm.ddim_step(model, x, t, t_prev, schedule, eta=0.5, noise=noise, clip_x0=clip)
         else:
             d = ddpm.multistep_x0(x0, x0_before, pairs[position - 1][0], t, t_prev, schedule)
-            eps_d = ddpm.noise_from_x0(x, torch.full((3,), t), d, schedule)
+            assert not torch.equal(d, x0)
+            eps_d = ddpm.noise_from_x0(x, torch.full((2,), t), d, schedule)
             x_next = ddpm.ddim_update(x, t, t_prev, d, eps_d, schedule, eta=0.5, noise=noise)
         x, x0_before = x_next, x0
         expected_frames.append(x)
     assert torch.equal(result, x) and all(torch.equal(a, b) for a, b in zip(frames, expected_frames))
-    first_order, _ = ddpm.ddim_sample(model, schedule, (3, 1, 2, 2), steps=7, eta=0.5, clip_x0=True,
+    first_order, _ = ddpm.ddim_sample(model, schedule, (2, 3, 2, 2), steps=7, eta=0.5, clip_x0=clip,
                                       generator=seeded(4))
     assert not torch.equal(first_order, result)
     with pytest.raises(ValueError, match="order must be 1"):
         ddpm.ddim_sample(model, schedule, (1, 1, 1, 1), steps=3, order=3)
-    for t_before, t, t_prev in ((5, 5, 1), (5, 3, 4), (5, 3, -1)):
+    for t_before, t, t_prev in ((5, 5, 1), (5, 3, 4), (5, 3, 3), (5, 3, -1)):
         with pytest.raises(ValueError, match="t_before > t > t_prev >= 0"):
             ddpm.multistep_x0(x0, x0, t_before, t, t_prev, schedule)
+    far = torch.full((1, 1, 1, 1), 3.0)  # x0_hat = 3 / sqrt(abar_t) under eps = 0: clipping would show
+    zero = ConstantModel(torch.zeros(1))
+    x0_default, eps_default = ddpm.ddim_denoise(zero, far, 300, schedule)
+    assert torch.equal(x0_default, ddpm.predict_x0_from_noise(far, torch.tensor([300]), torch.zeros(1), schedule))
+    assert x0_default.item() > 1 and torch.equal(eps_default, torch.zeros_like(far))
+    z = torch.ones_like(far)
+    assert torch.equal(ddpm.ddim_update(far, 300, 200, x0_default, eps_default, schedule, noise=z),
+                       ddpm.ddim_update(far, 300, 200, x0_default, eps_default, schedule, eta=0.0, noise=z))
+    assert not torch.equal(ddpm.ddim_update(far, 300, 200, x0_default, eps_default, schedule, eta=1.0, noise=z),
+                           ddpm.ddim_update(far, 300, 200, x0_default, eps_default, schedule, eta=0.0, noise=z))
