@@ -153,11 +153,13 @@ def test_weights_that_do_not_fit_their_configuration_get_one_line(weights_path, 
                                                         ("ddim", 7, 0.5, 2), ("fast", 10, 1.0, 1)])
 def test_draw_fast_and_ddim_are_ddim_sample_with_their_eta_steps_and_order(loaded, sampler, steps, eta, order):
     """fast = ddpm.ddim_sample with eta 1 and order 2 over 50 steps by default; ddim = eta 0, order 1; both from the
-    (seed, 0) generator. Order 1 and 2 differ on this model, so a wrong default order fails the default cases."""
+    (seed, 0) generator. The defaults are written here, not read from sample.py, and order 1 and 2 differ on this
+    model, so a wrong default eta or order fails the cases that leave it out."""
     model, schedule, config = loaded
+    default_eta, default_order = {"fast": (1.0, 2), "ddim": (0.0, 1)}[sampler]
     given = {} if steps == 50 else {"steps": steps}
-    given.update({} if eta == sample.DEFAULT_ETA[sampler] else {"eta": eta})
-    given.update({} if order == sample.DEFAULT_ORDER[sampler] else {"order": order})
+    given.update({} if eta == default_eta else {"eta": eta})
+    given.update({} if order == default_order else {"order": order})
     drawn = sample.draw(model, schedule, config, n=3, sampler=sampler, seed=5, progress=False, **given)
     expected, _ = ddpm.ddim_sample(model, schedule, (3, 1, 16, 16), steps=steps, eta=eta, order=order,
                                    generator=runtime.seeded_generator(5, 0))
