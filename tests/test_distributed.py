@@ -111,7 +111,12 @@ def torchrun(flags, record_dir, extra_env=None):
     launcher = os.path.join(record_dir, "rank_recorder.py")
     with open(launcher, "w") as stream:
         stream.write(RANK_RECORDER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_REPO": ROOT, "RECORD_DIR": str(record_dir), **(extra_env or {})}
+    # torchrun keeps a log folder per launch (tempfile.mkdtemp(prefix="torchelastic_")) and never removes it:
+    # TMPDIR puts it inside the test's own temporary folder instead of leaving one in /tmp per launch.
+    temporary = os.path.join(record_dir, "tmp")
+    os.makedirs(temporary, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRAIN_REPO": ROOT, "RECORD_DIR": str(record_dir),
+           "TMPDIR": temporary, **(extra_env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
                launcher, *flags]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
