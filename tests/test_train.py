@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -11,8 +12,10 @@ from hypothesis import given, strategies as st
 import ddpm
 import sample
 import train
+from repo_paths import ROOT
 from support import checkpoints, data, images, runtime
 from test_data import cifar_archive_members, cifar_batch, write_cifar_archive
+from unet import count_parameters
 
 # A configuration that trains in about a second: 48 MNIST digits at 16x16, batch 8 (6 steps an epoch).
 TINY = ["--widths", "8,16", "--img-size", "16", "--timesteps", "20", "--max-images", "48", "--batch-size", "8",
@@ -281,3 +284,13 @@ def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_tim
                                         eta=0.0, x_T=x_T)
     deterministic_grid = images.make_grid(images.to_uint8(deterministic), nrow=2)
     assert grid.shape == deterministic_grid.shape and not np.array_equal(grid, deterministic_grid)
+
+
+def test_readme_states_the_parameter_counts_of_the_lectures_network_and_of_the_quick_preset():
+    """The README's "6.21M parameters by default" and "the quick preset: 1.62M" are the counts of the networks
+    train.py builds for its defaults and for --preset quick (MNIST, one channel)."""
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    for config, stated in ((train.DEFAULTS, "6.21M parameters by default"),
+                           ({**train.DEFAULTS, **train.PRESETS["quick"]}, "the quick preset: 1.62M")):
+        count = count_parameters(runtime.build_model({**config, "channels": 1}))
+        assert stated in readme and f"{count / 1e6:.2f}M" in stated, (count, stated)
