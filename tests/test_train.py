@@ -289,7 +289,8 @@ def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_tim
 def test_readme_states_the_parameter_counts_of_the_lectures_network_and_of_the_quick_preset():
     """The README's "6.21M parameters by default" and "the quick preset: 1.62M" are the counts of the networks
     train.py builds for its defaults and for --preset quick (MNIST, one channel)."""
-    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    with open(os.path.join(ROOT, "README.md")) as stream:
+        readme = " ".join(stream.read().split())
     for config, stated in ((train.DEFAULTS, "6.21M parameters by default"),
                            ({**train.DEFAULTS, **train.PRESETS["quick"]}, "the quick preset: 1.62M")):
         count = count_parameters(runtime.build_model({**config, "channels": 1}))
