@@ -28,7 +28,9 @@ Figures:
   It is the mean over 100 seeded random N-subsets of those 2,000, with the 5th and 95th percentiles
   (real_fid_low, real_fid_high): how far a single N-sample FID moves by chance. FID depends on N; read fid
   against real_fid, and two FIDs whose difference lies inside that spread as equal.
-- confidence: mean over samples of the classifier's top softmax probability (real digits: about 0.99).
+- confidence: mean over samples of the classifier's top softmax probability; confident_fraction: the fraction
+  of samples "recognized", top softmax above 0.9. real_confidence and real_confident_fraction are the same for
+  the reference digits: the ceiling a sample can reach.
 - class_entropy_nats: entropy of the histogram of predicted classes; ln 10 = 2.303 means all ten digits
   equally often, 0 means a single digit (mode collapse).
 - dark_mean / midtone_fraction: background noise. dark_mean is the mean intensity (0..1) of the pixels below
@@ -58,8 +60,9 @@ from support import data, files, runtime
 from support.images import to_uint8
 from support.progress import say
 
-# Bump when the classifier's architecture, training recipe or the cached statistics change:
-# the cache file name carries it, so an old cache is never read by new code.
+# Bump when the classifier's architecture or training recipe, or the meaning of a cached statistic, changes:
+# the cache file name carries it, so an old cache is never read by new code. A statistic added to the reference
+# statistics needs no bump: an entry that lacks one of REFERENCE_KEYS is recomputed (cached_reference_statistics).
 CLASSIFIER_VERSION = 2
 CLASSIFIER_SIZE = 28
 FEATURE_DIM = 128
@@ -88,6 +91,7 @@ ACCEPTED_CHANNELS = (1,)
 # (at 600x600, 27 GiB). MNIST samples are 28 to 64 pixels wide; larger ones are refused with a line, not an
 # allocation failure.
 MAX_IMAGE_SIZE = 128
+REFERENCE_KEYS = ("mu", "sigma", "dark_mean", "midtone_fraction", "confidence", "confident_fraction", "n")
 CACHE_KEYS = ("state_dict", "split", "heldout_accuracy", "train_seconds", "train_digits", "heldout_digits", "epochs",
               "references")
 
@@ -420,22 +424,25 @@ def fid_to_reference(mu, sigma, reference):
 
 
 def reference_statistics(model, real_images, image_size, device="cpu"):
-    """Return the real digits' figures at the samples' size: {"mu", "sigma", "dark_mean", "midtone_fraction", "n"}.
+    """Return the real digits' figures at the samples' size: REFERENCE_KEYS, {"mu", "sigma", "dark_mean",
+    "midtone_fraction", "confidence", "confident_fraction", "n"}.
 
     The real uint8 (N, 28, 28) digits take the samples' path (real_digits_like_samples, then
     digits_at_classifier_size); mu and sigma are float64 tensors, so the dict can be torch.save'd.
     """
     real_like_samples = real_digits_like_samples(real_images, image_size)
-    mu, sigma, _ = logit_gaussian(model, real_like_samples, device)
+    mu, sigma, probabilities = logit_gaussian(model, real_like_samples, device)
     dark_mean, midtone_fraction = background_noise(real_like_samples)
     return {"mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sigma), "dark_mean": dark_mean,
-            "midtone_fraction": midtone_fraction, "n": len(real_images)}
+            "midtone_fraction": midtone_fraction, "confidence": mean_confidence(probabilities),
+            "confident_fraction": confident_fraction(probabilities), "n": len(real_images)}
 
 
 def cached_reference_statistics(model, cache, path, real_images, image_size, device="cpu"):
-    """Return reference_statistics at image_size from the cache dict, computing and saving it there if absent."""
+    """Return reference_statistics at image_size from the cache dict, computing and saving it there if absent or
+    cached by an earlier version without some of REFERENCE_KEYS (the classifier is the same, so it is kept)."""
     key = str(image_size)
-    if key not in cache["references"]:
+    if any(name not in cache["references"].get(key, {}) for name in REFERENCE_KEYS):
         cache["references"][key] = reference_statistics(model, real_images, image_size, device)
         save_cache(path, cache)
     return cache["references"][key]
@@ -469,9 +476,9 @@ def real_fid_figures(fids):
 def sample_figures(samples, model, reference, device="cpu"):
     """Return the dict of figures of uint8 samples (N, H, W, 1) against reference (see reference_statistics).
 
-    Keys: n_samples, image_size, fid, confidence, confident_fraction, per_class_confidence, class_histogram,
-    class_entropy_nats, max_class_entropy_nats, dark_mean, real_dark_mean, midtone_fraction, real_midtone_fraction,
-    n_real.
+    Keys: n_samples, image_size, fid, confidence, real_confidence, confident_fraction, real_confident_fraction,
+    per_class_confidence, class_histogram, class_entropy_nats, max_class_entropy_nats, dark_mean, real_dark_mean,
+    midtone_fraction, real_midtone_fraction, n_real.
     """
     mu, sigma, probabilities = logit_gaussian(model, samples, device)
     histogram = predicted_class_histogram(probabilities)
@@ -481,7 +488,9 @@ def sample_figures(samples, model, reference, device="cpu"):
         "image_size": int(samples.shape[1]),
         "fid": fid_to_reference(mu, sigma, reference),
         "confidence": mean_confidence(probabilities),
+        "real_confidence": reference["confidence"],
         "confident_fraction": confident_fraction(probabilities),
+        "real_confident_fraction": reference["confident_fraction"],
         "per_class_confidence": per_class_confidence(probabilities),
         "class_histogram": [int(count) for count in histogram],
         "class_entropy_nats": histogram_entropy(histogram),
@@ -548,8 +557,9 @@ def format_report(figures, cache):
         f"FID (LeNet logits, lower is better): {figures['fid']:.3f}; {figures['n_real_fid']} real digits score "
         f"{figures['real_fid']:.3f} (x{figures['fid'] / figures['real_fid']:.1f}; 5 to 95% of random draws: "
         f"{figures['real_fid_low']:.3f} to {figures['real_fid_high']:.3f})",
-        f"confidence (mean top softmax): {figures['confidence']:.4f}; recognized (top softmax > {CONFIDENT}): "
-        f"{figures['confident_fraction']:.1%}",
+        f"confidence (mean top softmax): {figures['confidence']:.4f} (real {figures['real_confidence']:.4f}); "
+        f"recognized (top softmax > {CONFIDENT}): {figures['confident_fraction']:.1%} "
+        f"(real {figures['real_confident_fraction']:.1%})",
         "confidence per predicted class: " + " ".join(
             f"{digit}:{'-' if value is None else f'{value:.2f}'}"
             for digit, value in enumerate(figures["per_class_confidence"])),
