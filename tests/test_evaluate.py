@@ -482,7 +482,7 @@ def test_real_confidence_figures_are_the_reference_digits_own_and_the_same_for_e
                                                                                           figures_by_set):
     """real_confidence and real_confident_fraction are what sample_figures gives the reference digits themselves
     (exactly); every set judged against one reference carries the same ones; and another 2,000 real digits come
-    within 0.04 of them (4 standard errors of the difference of two recognized fractions near 0.8 at 2,000 and
+    within 0.04 of them (about 4 standard errors of the difference of two recognized fractions near 0.8 at 2,000 and
     5,000 digits), where the noise set does not."""
     model, _, _ = trained
     digits, _ = data.load_mnist(mnist_dir)
