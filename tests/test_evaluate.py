@@ -77,10 +77,11 @@ FIGURE_KEYS = {
 
 @pytest.fixture(scope="module")
 def figures_by_set(trained, mnist_dir):
-    """Figures of five 2,000-image sets at 32x32 against a reference of 5,000 other real digits.
+    """Figures of four 2,000-image sets at 32x32 against a reference of 5,000 other real digits, and of the reference.
 
     real: the other half of the digits; noise: uniform pixels; blurred: real digits under a 5x5 box blur;
-    textured: real digits on a background of uniform noise in 0..99 (max(digit, noise), strokes intact).
+    textured: real digits on a background of uniform noise in 0..99 (max(digit, noise), strokes intact);
+    reference: the 5,000 reference digits themselves.
     """
     model, _, _ = trained
     digits, _ = data.load_mnist(mnist_dir)
@@ -93,6 +94,7 @@ def figures_by_set(trained, mnist_dir):
         "noise": rng.integers(0, 256, size=real.shape, dtype=np.uint8),
         "blurred": blurred.round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy(),
         "textured": np.maximum(real, rng.integers(0, 100, size=real.shape, dtype=np.uint8)),
+        "reference": evaluate.real_digits_like_samples(digits[0::2], SAMPLE_SIZE),
     }
     return {name: evaluate.sample_figures(images, model, reference) for name, images in sets.items()}
 
@@ -478,16 +480,12 @@ def test_real_digits_are_mostly_recognized_and_noise_is_not(figures_by_set):
     assert all(value is not None and value > 0.5 for value in real["per_class_confidence"])
 
 
-def test_real_confidence_figures_are_the_reference_digits_own_and_the_same_for_every_set(trained, mnist_dir,
-                                                                                          figures_by_set):
+def test_real_confidence_figures_are_the_reference_digits_own_and_the_same_for_every_set(figures_by_set):
     """real_confidence and real_confident_fraction are what sample_figures gives the reference digits themselves
     (exactly); every set judged against one reference carries the same ones; and another 2,000 real digits come
     within 0.04 of them (about 4 standard errors of the difference of two recognized fractions near 0.8 at 2,000 and
     5,000 digits), where the noise set does not."""
-    model, _, _ = trained
-    digits, _ = data.load_mnist(mnist_dir)
-    reference = evaluate.reference_statistics(model, digits[0::2], SAMPLE_SIZE)
-    itself = evaluate.sample_figures(evaluate.real_digits_like_samples(digits[0::2], SAMPLE_SIZE), model, reference)
+    itself = figures_by_set["reference"]
     assert itself["real_confidence"] == itself["confidence"] and 0.5 < itself["confidence"] < 1
     assert itself["real_confident_fraction"] == itself["confident_fraction"] > 0.5
     for figures in figures_by_set.values():
