@@ -363,26 +363,29 @@ def ddim_step(model, x, t, t_prev, schedule, eta=0.0, noise=None, clip_x0=False,
     return ddim_update(x, t, t_prev, x0, predicted_noise, schedule, eta=eta, noise=noise, generator=generator)
 
 
-def half_log_snr(schedule, t):
-    """Return lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t)), half the log signal-to-noise ratio at t, in float64."""
-    alphas_cumprod_t = float(schedule.alphas_cumprod[t])
-    return 0.5 * (math.log(alphas_cumprod_t) - math.log1p(-alphas_cumprod_t))
+def half_log_snrs(schedule):
+    """Return [lambda_0, ..., lambda_{T-1}] as Python floats (float64), read from the schedule in one copy.
+
+    lambda_t = log(sqrt(abar_t) / sqrt(1 - abar_t)) = (log(abar_t) - log(1 - abar_t)) / 2,
+    half the log signal-to-noise ratio at t; it rises as t falls (abar_t rises towards 1).
+    """
+    return [0.5 * (math.log(abar) - math.log1p(-abar)) for abar in schedule.alphas_cumprod.tolist()]
 
 
-def multistep_x0(x0, x0_before, t_before, t, t_prev, schedule):
+def multistep_x0(x0, x0_before, t_before, t, t_prev, lambdas):
     """Return D: the x0 prediction carried to the middle of the step t -> t_prev by the line through the last two.
 
     D = x0 + (x0 - x0_before) / (2 r),  r = h_before / h,
     h = lambda_{t_prev} - lambda_t,  h_before = lambda_t - lambda_{t_before}   (t_before > t > t_prev >= 0)
-    where x0_before was predicted at t_before, the step before. With D and the eps it implies in place of
-    (x0_hat, eps), the DDIM update is DPM-Solver++(2M) (Lu et al., 2022): at eta = 0 its ODE form, at eta = 1 its
-    SDE form with the midpoint rule. The ODE form is second order: halving the step size quarters its error, where
-    the DDIM update's halves.
+    where x0_before was predicted at t_before, the step before, and lambdas = half_log_snrs(schedule). With D and
+    the eps it implies in place of (x0_hat, eps), the DDIM update is DPM-Solver++(2M) (Lu et al., 2022): at eta = 0
+    its ODE form, at eta = 1 its SDE form with the midpoint rule. The ODE form is second order: halving the step
+    size quarters its error, where the DDIM update's halves.
     """
     if not t_before > t > t_prev >= 0:
         raise ValueError(f"multistep_x0 needs t_before > t > t_prev >= 0, got {t_before}, {t}, {t_prev}")
-    h = half_log_snr(schedule, t_prev) - half_log_snr(schedule, t)
-    h_before = half_log_snr(schedule, t) - half_log_snr(schedule, t_before)
+    h = lambdas[t_prev] - lambdas[t]
+    h_before = lambdas[t] - lambdas[t_before]
     return x0 + (x0 - x0_before) * (h / (2 * h_before))
 
 
@@ -395,6 +398,8 @@ def ddim_sample(model, schedule, shape, steps=50, eta=0.0, generator=None, clip_
     order = 2: from the second step on, up to the last, the update takes D = multistep_x0(x0_hat, the previous
     step's x0_hat) and eps = (x_t - sqrt(abar_t) * D) / sqrt(1 - abar_t): DPM-Solver++(2M). The first step has no
     previous prediction and the last lands on abar = 1 (lambda infinite), so both stay first order.
+    The lambdas are read from the schedule before the first step: no step reads a number back from the
+    device, which on a GPU would wait for the work queued before it.
     frames and callback as in `sample`, over the `steps` steps.
     """
     if order not in (1, 2):
@@ -405,11 +410,12 @@ def ddim_sample(model, schedule, shape, steps=50, eta=0.0, generator=None, clip_
     previous_taus = [-1] + taus[:-1]
     keep = frame_positions(len(taus), num_frames)
     frames = []
+    lambdas = half_log_snrs(schedule) if order == 2 else None
     x0_before, t_before = None, None
     for step, (t, t_prev) in enumerate(zip(reversed(taus), reversed(previous_taus))):
         x0, predicted_noise = ddim_denoise(model, x, t, schedule, clip_x0=clip_x0)
         if order == 2 and x0_before is not None and t_prev >= 0:
-            x0_used = multistep_x0(x0, x0_before, t_before, t, t_prev, schedule)
+            x0_used = multistep_x0(x0, x0_before, t_before, t, t_prev, lambdas)
             predicted_noise = noise_from_x0(x, timestep_batch(t, x.shape[0], x.device), x0_used, schedule)
         else:
             x0_used = x0

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import ddpm
 
@@ -1116,9 +1117,9 @@ def test_ddim_sample_visits_tau_frames_and_progress_and_defaults():
 # ----------------------------------------------------------------------------- beyond the lecture: second order
 
 
-def half_log_snrs(schedule):
+def lambdas_by_running_product(schedule):
     """Return [lambda_0, ..., lambda_{T-1}], lambda_t = log(abar_t / (1 - abar_t)) / 2, from the betas by a Python
-    loop (running_product), sharing nothing with ddpm.half_log_snr."""
+    loop (running_product), sharing nothing with ddpm.half_log_snrs."""
     return [0.5 * math.log(abar / (1 - abar)) for abar in running_product(schedule.betas.tolist())]
 
 
@@ -1151,16 +1152,18 @@ def test_second_order_update_is_dpm_solver_plus_plus_in_its_log_snr_form(steps, 
     schedule, t_before, t, t_prev = steps
     shape = (1, *dims)
     x_t, x0, x0_before, z = (gaussian(shape, seed + k) for k in range(4))
-    lambdas = half_log_snrs(schedule)
+    lambdas = lambdas_by_running_product(schedule)
     abar = running_product(schedule.betas.tolist())
     lambda_error = ROUNDINGS * (schedule.timesteps * unit_roundoff(F64) + cancellation(schedule))
+    code_lambdas = ddpm.half_log_snrs(schedule)
+    assert len(code_lambdas) == schedule.timesteps
     for step in (t_before, t, t_prev):
-        assert abs(ddpm.half_log_snr(schedule, step) - lambdas[step]) <= lambda_error * (1 + abs(lambdas[step]))
+        assert abs(code_lambdas[step] - lambdas[step]) <= lambda_error * (1 + abs(lambdas[step]))
     h, h_before = lambdas[t_prev] - lambdas[t], lambdas[t] - lambdas[t_before]
     r = h_before / h
     floor = 2 * lambda_error * (1 + max(abs(value) for value in lambdas)) * (1 / h + 1 / h_before)
     expected_d = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_before
-    d = ddpm.multistep_x0(x0, x0_before, t_before, t, t_prev, schedule)
+    d = ddpm.multistep_x0(x0, x0_before, t_before, t, t_prev, code_lambdas)
     d_magnitude = (1 + 1 / (2 * r)) * x0.abs() + 1 / (2 * r) * x0_before.abs()
     assert_within_rounding(d, expected_d, d_magnitude, floor=floor)
     sigma_t, sigma_prev, alpha_prev = math.sqrt(1 - abar[t]), math.sqrt(1 - abar[t_prev]), math.sqrt(abar[t_prev])
@@ -1195,7 +1198,7 @@ class SmoothX0Model(torch.nn.Module):
     def __init__(self, schedule, a, b):
         super().__init__()
         self.abar = running_product(schedule.betas.tolist())
-        self.lambdas, self.a, self.b = half_log_snrs(schedule), a, b
+        self.lambdas, self.a, self.b = lambdas_by_running_product(schedule), a, b
 
     def x0(self, t):
         return self.a + self.b * math.exp(-self.lambdas[t])
@@ -1259,7 +1262,7 @@ def test_second_order_sample_is_first_order_at_its_first_and_last_step_and_multi
         if position in (0, 6):
             x_next = ddpm.ddim_step(model, x, t, t_prev, schedule, eta=0.5, noise=noise, clip_x0=clip)
         else:
-            d = ddpm.multistep_x0(x0, x0_before, pairs[position - 1][0], t, t_prev, schedule)
+            d = ddpm.multistep_x0(x0, x0_before, pairs[position - 1][0], t, t_prev, ddpm.half_log_snrs(schedule))
             assert not torch.equal(d, x0)
             eps_d = ddpm.noise_from_x0(x, torch.full((2,), t), d, schedule)
             x_next = ddpm.ddim_update(x, t, t_prev, d, eps_d, schedule, eta=0.5, noise=noise)
@@ -1273,7 +1276,7 @@ def test_second_order_sample_is_first_order_at_its_first_and_last_step_and_multi
         ddpm.ddim_sample(model, schedule, (1, 1, 1, 1), steps=3, order=3)
     for t_before, t, t_prev in ((5, 5, 1), (5, 3, 4), (5, 3, 3), (5, 3, -1)):
         with pytest.raises(ValueError, match="t_before > t > t_prev >= 0"):
-            ddpm.multistep_x0(x0, x0, t_before, t, t_prev, schedule)
+            ddpm.multistep_x0(x0, x0, t_before, t, t_prev, ddpm.half_log_snrs(schedule))
     far = torch.full((1, 1, 1, 1), 3.0)  # x0_hat = 3 / sqrt(abar_t) under eps = 0: clipping would show
     zero = ConstantModel(torch.zeros(1))
     x0_default, eps_default = ddpm.ddim_denoise(zero, far, 300, schedule)
@@ -1284,3 +1287,45 @@ def test_second_order_sample_is_first_order_at_its_first_and_last_step_and_multi
                        ddpm.ddim_update(far, 300, 200, x0_default, eps_default, schedule, eta=0.0, noise=z))
     assert not torch.equal(ddpm.ddim_update(far, 300, 200, x0_default, eps_default, schedule, eta=1.0, noise=z),
                            ddpm.ddim_update(far, 300, 200, x0_default, eps_default, schedule, eta=0.0, noise=z))
+
+
+class HostReads(TorchDispatchMode):
+    """Record, in order, the network's calls ("model") and every number read back from a tensor ("read":
+    aten._local_scalar_dense, behind .item(), float(t), int(t) and bool(t)). On a GPU each read waits for all the
+    work queued before it, so a read inside the chain stalls every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.events.append("read")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "fast, second order", "ddpm, clipped", "fast, second order, clipped"])
+def test_no_sampler_reads_a_number_back_from_the_device_once_its_chain_has_started(sampler):
+    """From the first network call to the end, the samplers read nothing back from a tensor (every step's numbers
+    stay on the device), so on a GPU the chain's steps queue without waiting. The recorder sees reads: a float()
+    of a table entry made inside the loop (as half_log_snrs once was) would show as "read" after "model"."""
+    schedule = lecture_schedule(60, dtype=F32)
+    reads = HostReads()
+    linear = torch.nn.Conv2d(1, 1, kernel_size=1)
+
+    def model(x, t):
+        reads.events.append("model")
+        return linear(x) + 1e-3 * t.reshape(-1, 1, 1, 1)
+
+    with reads:
+        if sampler.startswith("ddpm"):
+            ddpm.sample(model, schedule, (2, 1, 4, 4), generator=seeded(0), clip_x0="clipped" in sampler)
+        else:
+            ddpm.ddim_sample(model, schedule, (2, 1, 4, 4), steps=6, eta=1.0 if "fast" in sampler else 0.0,
+                             generator=seeded(0), clip_x0="clipped" in sampler, order=2 if "second" in sampler else 1)
+    first_call = reads.events.index("model")
+    assert reads.events[first_call:].count("model") == (60 if sampler.startswith("ddpm") else 6)
+    assert "read" not in reads.events[first_call:]
+    with reads:  # the recorder is not blind to reads
+        float(schedule.alphas_cumprod[5])
+    assert reads.events[-1] == "read"

@@ -12,6 +12,7 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from test_math import HostReads
 from unet import SimpleUnet, SinusoidalPositionEmbeddings, count_parameters, group_norm_groups
 
 NUM_TIMESTEPS = 1000
@@ -512,3 +513,19 @@ def test_channels_last_stays_channels_last_through_every_layer(nudged_unet, auto
         for handle in handles:
             handle.remove()
     assert layers_in_nchw == []
+
+
+@pytest.mark.parametrize("image_channels", [1, 3])
+def test_forward_and_backward_read_nothing_back_from_the_device(image_channels):
+    """The network's forward (sampling) and its loss's backward (training) read no number back from a tensor:
+    on a GPU such a read (.item(), float(t), a Python `if` on a tensor) would make every step wait for the work
+    queued before it. test_math's recorder, which sees those reads, watches both."""
+    model = SimpleUnet(image_channels=image_channels, widths=(8, 16, 32), time_emb_dim=16, groups=4)
+    x, t = torch.randn(2, image_channels, 8, 8), torch.tensor([3, 500])
+    reads = HostReads()
+    with reads:
+        with torch.no_grad():
+            model.eval()(x, t)
+        F.mse_loss(model.train()(x, t), torch.randn_like(x)).backward()
+    assert "read" not in reads.events
+    assert all(parameter.grad is not None for parameter in model.parameters())
