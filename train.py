@@ -309,13 +309,30 @@ def write_losses(run):
     run_folder.write_loss_log(os.path.join(run.out, "loss.csv"), run.losses, run.steps_per_epoch, rates, run.elapsed)
 
 
-def save(run):
-    """Write the checkpoint at run's position and loss.csv (rank 0 only; both atomic)."""
+def on_rank_0(run, write):
+    """Call write() on rank 0 alone; then every rank learns whether it failed, so that none waits for rank 0 forever.
+
+    Rank 0 raises its own error (main prints it, once); the other ranks raise distributed.RankFailed, which main
+    turns into exit code 1 without a line of its own. In a single process this is write() itself.
+    """
+    error = None
     if run.is_main:
+        try:
+            write()
+        except (files.OutputError, OSError) as caught:
+            error = caught
+    if distributed.any_rank(error is not None, run.world_size, run.device):
+        raise error if error is not None else distributed.RankFailed("rank 0 could not write its outputs")
+
+
+def save(run):
+    """Write the checkpoint at run's position and loss.csv (rank 0 only; both atomic; every rank learns if it failed)."""
+    def write():
         checkpoints.save_checkpoint(run.checkpoint_path, checkpoints.make_checkpoint(
             run.config, run.model, run.ema_model, run.optimizer, run.epoch, run.step_in_epoch, run.step, run.losses,
             run.elapsed))
         write_losses(run)
+    on_rank_0(run, write)
 
 
 def diverged(run, bad_step):
@@ -366,11 +383,16 @@ def epoch_text(run):
 def end_of_epoch(run):
     """Count the epoch as done, write its grid of samples (rank 0) and the checkpoint."""
     run.epoch, run.step_in_epoch = run.epoch + 1, 0
-    if run.is_main and run.config["grid_samples"]:
-        model = run.ema_model if run.ema_model is not None else run.model
-        grid = sample.preview_grid(model, run.schedule, run.config, run.device, run.precision)
-        images.write_png(run_folder.grid_path(run.out, run.epoch), grid)
+    if run.config["grid_samples"]:
+        on_rank_0(run, lambda: write_grid(run))
     save(run)
+
+
+def write_grid(run):
+    """Write the epoch's preview grid: the fast route's samples of the EMA model (of the raw one without an EMA)."""
+    model = run.ema_model if run.ema_model is not None else run.model
+    grid = sample.preview_grid(model, run.schedule, run.config, run.device, run.precision)
+    images.write_png(run_folder.grid_path(run.out, run.epoch), grid)
 
 
 def warn_if_x_T_keeps_signal(run):
@@ -423,7 +445,8 @@ def main(argv=None):
     config, args = parse_config(argv)
     try:
         return train(config, args)
-    except (data.DataError, checkpoints.CheckpointError, runtime.ConfigError, files.OutputError, OSError) as error:
+    except (data.DataError, checkpoints.CheckpointError, runtime.ConfigError, files.OutputError, OSError,
+            distributed.RankFailed) as error:
         if distributed.distributed_context()[0] == 0:  # under torchrun every rank meets the same error: say it once
             print(f"error: {files.error_line(error)}", file=sys.stderr)
         return 1

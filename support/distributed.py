@@ -8,6 +8,10 @@ import torch
 import torch.distributed as dist
 
 
+class RankFailed(Exception):
+    """Another rank (rank 0, which writes the outputs) failed and has said why; this rank stops with it."""
+
+
 def distributed_context():
     """Return (rank, world_size, local_rank) from torchrun's environment, or (0, 1, 0) for a plain process."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:

@@ -3,9 +3,9 @@
 Claims checked: the two ranks end with identical weights and EMA, each on its own half of the images; one
 data-parallel step on two halves equals one single-process step on the whole batch (gradients are averaged, not
 summed or left per rank); only rank 0 prints and writes, once per file; the checkpoint loads and counts the steps
-of both ranks once; an interrupted run resumed under torchrun ends where an uninterrupted one does; rank 1 reads
-the data only after rank 0 has downloaded it; a plain `python train.py` says no more about processes than
-"1 process(es)".
+of both ranks once; a run whose rank 0 meets a full disk stops every rank with that one error line, and resumed
+under torchrun ends where an uninterrupted one does; rank 1 reads the
+data only after rank 0 has downloaded it; a plain `python train.py` says no more about processes than "1 process(es)".
 
 Runs under torchrun go through RANK_RECORDER, a launcher written into a temporary folder that runs train.py
 unchanged (runpy, as __main__) and records, per rank, every file it opens for writing or reading and everything
@@ -89,6 +89,17 @@ def slow_download_mnist(data_dir, *args, **kwargs):
 if "FAKE_DOWNLOAD_DELAY_S" in os.environ:
     from support import data
     data.download_mnist = slow_download_mnist
+if "FAIL_SAVE_AT_STEP" in os.environ and os.environ["RANK"] == "0":  # a full disk, on the rank that writes
+    import errno
+    from support import checkpoints
+    real_save_checkpoint = checkpoints.save_checkpoint
+
+    def failing_save_checkpoint(path, checkpoint):
+        if checkpoint["step"] == int(os.environ["FAIL_SAVE_AT_STEP"]):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_save_checkpoint(path, checkpoint)
+
+    checkpoints.save_checkpoint = failing_save_checkpoint
 atexit.register(save_record)
 sys.stdout = PrintRecorder(sys.stdout)
 sys.addaudithook(on_event)
@@ -315,15 +326,24 @@ def test_torchrun_loss_decreases_over_two_epochs(two_epoch_run):
     assert losses[-1][2] < losses[0][2] - 0.1
 
 
-def test_torchrun_resume_continues_from_checkpoint_to_the_uninterrupted_weights(tmp_path, two_epoch_run):
-    """1 epoch, then --resume --epochs 2, ends at step 2 * 4 with the weights of the uninterrupted 2-epoch run.
+def test_torchrun_disk_full_stops_every_rank_with_one_line_and_resume_reaches_the_uninterrupted_weights(
+        tmp_path, two_epoch_run):
+    """Rank 0's disk fills as it saves epoch 2's checkpoint (of 3): the run stops with rank 0's one-line error, rank
+    1 adds no traceback of its own (it learns of the failure, where it used to die in the collective that follows,
+    "Connection closed by peer"), and epoch 1's checkpoint stays; --resume --epochs 2 then ends at step 2 * 4 with
+    the weights of the uninterrupted 2-epoch run.
 
     Every step's images, timesteps and noise depend on (seed, rank, step) only, and all ranks load the same
     checkpoint, so the resumed run repeats the uninterrupted one bit for bit.
     """
     _, uninterrupted_dir, _ = two_epoch_run
     out_dir = tmp_path / "run"
-    assert_finished(torchrun([*TINY_FLAGS, "--epochs", "1", "--out", str(out_dir)], tmp_path / "first"))
+    failed = torchrun([*TINY_FLAGS, "--epochs", "3", "--out", str(out_dir)], tmp_path / "first",
+                      {"FAIL_SAVE_AT_STEP": str(2 * STEPS_PER_EPOCH)})
+    assert failed.returncode != 0, failed.stderr
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], failed.stderr
+    assert "[rank1]" not in failed.stderr and "RankFailed" not in failed.stderr, failed.stderr
     assert checkpoints.load_checkpoint(str(out_dir / "checkpoint.pt"))["step"] == STEPS_PER_EPOCH
     resumed = torchrun([*TINY_FLAGS, "--resume", "--epochs", "2", "--out", str(out_dir)], tmp_path / "second")
     assert_finished(resumed)
