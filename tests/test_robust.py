@@ -3,6 +3,7 @@
 Each failure a user can cause must end in one clear line and a non-zero exit, never a traceback, a silently
 wrong result, code run from a file, or a lost checkpoint.
 """
+import concurrent.futures
 import errno
 import gzip
 import json
@@ -136,23 +137,19 @@ def same_state(first, second):
 # ----------------------------------------------------------------------------- 1. kill at any moment
 
 
-def test_sigkill_at_random_moments_always_leaves_a_checkpoint_that_loads_and_resumes(tmp_path):
-    """SIGKILL at random moments of a run that checkpoints every epoch (6 steps): the checkpoint always loads and resumes.
-
-    The kills are bounded: 6 kills (the first of a fresh run, the others of --resume), each 0-0.5 s after the run
-    wrote a new checkpoint, on a model large enough (widths 32,64) that writing a checkpoint takes a noticeable share
-    of an epoch.
-    """
-    out = tmp_path / "run"
+def kill_at_random_moments(out, kills, seed):
+    """Start, then SIGKILL, `kills` runs in out (the first fresh, the others --resume), each 0-0.5 s after it wrote a
+    new checkpoint; then resume once more for one epoch to its end. Return ((step, step_in_epoch) of the checkpoint
+    each kill left, the last run's process): the caller asserts."""
     arguments = [sys.executable, "train.py", *TINY, "--widths", "32,64", "--epochs", "1000", "--out", str(out)]
-    rng = random.Random(0)
+    rng = random.Random(seed)
 
     def written():
         """Return the checkpoint's modification time in ns, None before the first one."""
         return (out / "checkpoint.pt").stat().st_mtime_ns if (out / "checkpoint.pt").exists() else None
 
     steps_seen = []
-    for kill in range(6):
+    for kill in range(kills):
         before = written()
         process = subprocess.Popen([*arguments, *(["--resume"] if kill else [])], cwd=ROOT, env=subprocess_env(),
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,14 +160,32 @@ def test_sigkill_at_random_moments_always_leaves_a_checkpoint_that_loads_and_res
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         checkpoint = checkpoints.load_checkpoint(str(out / "checkpoint.pt"))
-        steps_seen.append(checkpoint["step"])
-        assert checkpoint["step"] % 6 == 0 and checkpoint["step_in_epoch"] == 0
-    assert steps_seen == sorted(steps_seen) and steps_seen[-1] > 6, steps_seen
-    final = subprocess.run([*arguments, "--resume", "--epochs", str(steps_seen[-1] // 6 + 1)], cwd=ROOT,
+        steps_seen.append((checkpoint["step"], checkpoint["step_in_epoch"]))
+    final = subprocess.run([*arguments, "--resume", "--epochs", str(steps_seen[-1][0] // 6 + 1)], cwd=ROOT,
                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
-    assert final.returncode == 0, final.stderr
-    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == steps_seen[-1] + 6
-    assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
+    return steps_seen, final
+
+
+def test_sigkill_at_random_moments_always_leaves_a_checkpoint_that_loads_and_resumes(tmp_path):
+    """SIGKILL at random moments of a run that checkpoints every epoch (6 steps): the checkpoint always loads and resumes.
+
+    6 kills in two runs of 3, side by side in two folders (each child uses one thread, so the two cores serve one
+    run each): the first of each run fresh, the others of --resume, each 0-0.5 s after the run wrote a new
+    checkpoint, on a model large enough (widths 32,64) that writing a checkpoint takes a noticeable share of an
+    epoch. Every kill leaves an epoch's checkpoint that loads, further on than the one before; a last --resume
+    trains one more epoch from it, and no temporary file stays.
+    """
+    folders = [tmp_path / "run_a", tmp_path / "run_b"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        chains = [pool.submit(kill_at_random_moments, out, 3, seed) for seed, out in enumerate(folders)]
+        results = [chain.result(timeout=300) for chain in chains]
+    for out, (seen, final) in zip(folders, results):
+        steps = [step for step, _ in seen]
+        assert all(step % 6 == 0 and step_in_epoch == 0 for step, step_in_epoch in seen), seen
+        assert steps == sorted(steps) and steps[-1] > 6, seen
+        assert final.returncode == 0, final.stderr
+        assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == steps[-1] + 6
+        assert not [name for name in os.listdir(out) if name.endswith(".tmp")]
 
 
 # ----------------------------------------------------------------------------- 2. Ctrl-C
