@@ -2,8 +2,8 @@
 
 Reads in the order of the lecture: schedule -> forward process -> the noise derivation -> posterior ->
 reverse step -> sampling loop -> loss. After the loss, in a section marked as beyond the lecture:
-the cosine schedule (Nichol and Dhariwal, 2021), the DDIM sampler (Song et al., 2021) and its
-second-order update (DPM-Solver++(2M), Lu et al., 2022).
+the cosine schedule (Nichol and Dhariwal, 2021), the Min-SNR-gamma loss weights (Hang et al., 2023), the DDIM
+sampler (Song et al., 2021) and its second-order update (DPM-Solver++(2M), Lu et al., 2022).
 
 Indexing: the code's t = 0 .. T-1 is the paper's t = 1 .. T (Ho et al., 2020). So
 alphas_cumprod[t] = prod_{i <= t} (1 - betas[i]) and alphas_cumprod_prev[0] = 1 stands for abar_0 = 1.
@@ -268,11 +268,13 @@ def sample_t(batch_size, timesteps, device, generator=None):
     return torch.randint(0, timesteps, (batch_size,), generator=generator, device=device)
 
 
-def get_loss(model, x0, schedule, t=None, noise=None, generator=None):
+def get_loss(model, x0, schedule, t=None, noise=None, generator=None, weights=None):
     """Return L_simple, the lecture's loss: the mean squared error between the added and the predicted noise.
 
     t ~ Uniform{0..T-1},  eps ~ N(0, I),  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     L_simple = mean ||eps - eps_theta(x_t, t)||^2                  (Ho et al., eq. 14, Algorithm 1)
+    with weights (one per image, e.g. min_snr_weights below):
+    L = mean_b w_b * mean ||eps_b - eps_theta(x_t, t)_b||^2          (w = 1 gives L_simple)
     """
     if t is None:
         t = sample_t(x0.shape[0], schedule.timesteps, x0.device, generator)
@@ -280,11 +282,14 @@ def get_loss(model, x0, schedule, t=None, noise=None, generator=None):
         x0, t, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, noise=noise, generator=generator
     )
     predicted_noise = model(x_t, t)
-    return F.mse_loss(predicted_noise.float(), noise.float())
+    if weights is None:
+        return F.mse_loss(predicted_noise.float(), noise.float())
+    per_image = F.mse_loss(predicted_noise.float(), noise.float(), reduction="none").flatten(1).mean(dim=1)
+    return (weights.float() * per_image).mean()
 
 
 # =============================================================================
-# Beyond the lecture: the cosine schedule and the DDIM sampler.
+# Beyond the lecture: the cosine schedule, the Min-SNR loss weights and the DDIM sampler.
 # Nothing above depends on what follows, except Schedule.create's lookup in BETA_SCHEDULES.
 # =============================================================================
 
@@ -304,6 +309,18 @@ def cosine_beta_schedule(timesteps, s=0.008, max_beta=0.999):
 
 
 BETA_SCHEDULES = {"linear": linear_beta_schedule, "cosine": cosine_beta_schedule}
+
+
+def min_snr_weights(schedule, t, gamma):
+    """Return w_t = min(SNR_t, gamma) / SNR_t for each image's t: the Min-SNR-gamma loss weights (Hang et al., 2023).
+
+    SNR_t = abar_t / (1 - abar_t).  For the noise prediction loss, w_t = 1 where SNR_t <= gamma (the noisier
+    steps) and gamma / SNR_t < 1 where the image is clearer: the nearly clean steps count less. Hang et al. found
+    that this balance between the timesteps' conflicting gradients speeds up training. Pass the result to get_loss.
+    """
+    alphas_cumprod_t = get_index_from_list(schedule.alphas_cumprod, t, t.shape)
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    return snr.clamp(max=gamma) / snr
 
 
 def ddim_timesteps(timesteps, steps):

@@ -1114,6 +1114,57 @@ def test_ddim_sample_visits_tau_frames_and_progress_and_defaults():
     assert torch.equal(default, x)
 
 
+# ----------------------------------------------------------------------------- beyond the lecture: Min-SNR weights
+
+
+@given(schedule_and_timesteps(), st.floats(min_value=0.01, max_value=1e4))
+def test_min_snr_weights_are_the_smaller_of_snr_and_gamma_over_snr(schedule_t, gamma):
+    """w_t = min(SNR_t, gamma) / SNR_t with SNR_t = abar_t / (1 - abar_t), from the running product of the betas:
+    exactly 1 where SNR_t <= gamma, gamma / SNR_t < 1 above. abar_t carries (t + 1) roundings and 1 - abar_t the
+    cancellation of the subtraction, so w agrees to T u + cancellation, relatively; a shifted t, SNR inverted or
+    gamma misplaced moves it by a factor."""
+    schedule, t = schedule_t
+    abar = running_product(schedule.betas.tolist())
+    weights = ddpm.min_snr_weights(schedule, t, gamma)
+    assert weights.shape == t.shape
+    tolerance = ROUNDINGS * (schedule.timesteps * unit_roundoff(F64) + cancellation(schedule))
+    for step, weight in zip(t.tolist(), weights.tolist()):
+        snr = abar[step] / (1 - abar[step])
+        expected = min(snr, gamma) / snr
+        assert abs(weight - expected) <= tolerance * expected, (step, weight, expected)
+        assert 0 < weight <= 1
+        if snr < gamma * (1 - tolerance):
+            assert weight == 1.0
+
+
+@given(schedule_and_timesteps(), image_dims, dtypes, seeds)
+def test_weighted_loss_is_the_mean_over_images_of_each_weight_times_its_squared_error(schedule_t, dims, dtype, seed):
+    """get_loss(weights=w) = mean_b w_b mean_pixels (eps - eps_theta(x_t, t))^2 at each image's t, in float32; with
+    every w_b = 1 it is L_simple. Weights drawn in [0, 2), so a weight applied to the wrong image, a sum for the
+    mean, or a reduction over the whole batch before weighting shows; the bound is the float32 rounding of the
+    unweighted test, weighted."""
+    schedule, t = schedule_t
+    assume_float32_holds(schedule, dtype)
+    tables = schedule.to(dtype=dtype)
+    shape = (len(t), *dims)
+    x0, noise = gaussian(shape, seed, dtype), gaussian(shape, seed + 1, dtype)
+    weights = 2 * torch.rand(len(t), generator=seeded(seed + 2), dtype=F64)
+    loss = ddpm.get_loss(TimestepModel(), x0, tables, t=t, noise=noise, weights=weights.to(dtype))
+    assert loss.dtype == F32
+    abar = table_at(schedule, "alphas_cumprod", t, x0.ndim)
+    signal, noise_part = abar.sqrt() * x0.to(F64), (1 - abar).sqrt() * noise.to(F64)
+    errors = noise.to(F64) - TimestepModel()(signal + noise_part, t)
+    expected = (weights * (errors**2).flatten(1).mean(dim=1)).mean().item()
+    terms_of_e = TimestepModel()(signal.abs() + noise_part.abs(), t) + noise.to(F64).abs()
+    per_image_error = (errors**2 + 2 * errors.abs() * terms_of_e).flatten(1).mean(dim=1)
+    magnitude = (weights * per_image_error).mean().item() * (1 + x0.numel())
+    assert abs(loss.item() - expected) <= ROUNDINGS * unit_roundoff(F32) * magnitude
+    ones = ddpm.get_loss(TimestepModel(), x0, tables, t=t, noise=noise, weights=torch.ones(len(t), dtype=dtype))
+    plain = ddpm.get_loss(TimestepModel(), x0, tables, t=t, noise=noise)
+    unweighted_magnitude = (errors**2 + 2 * errors.abs() * terms_of_e).mean().item() * (1 + x0.numel())
+    assert abs(ones.item() - plain.item()) <= ROUNDINGS * unit_roundoff(F32) * unweighted_magnitude
+
+
 # ----------------------------------------------------------------------------- beyond the lecture: second order
 
 

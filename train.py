@@ -37,6 +37,7 @@ DEFAULTS = dict(
     schedule="linear",
     warmup_steps=100,
     lr_decay="none",
+    min_snr_gamma=0.0,
     grad_clip=1.0,
     ema_decay=0.995,
     seed=0,
@@ -54,8 +55,8 @@ PRESETS = {
 # Keys that define the model and the data: a resumed run must agree with its checkpoint on these (and on the
 # images' channels, checked once the data is read: load_dataset).
 FIXED_ON_RESUME = ("dataset", "img_size", "widths", "blocks_per_level", "time_emb_dim", "timesteps",
-                   "schedule", "batch_size", "lr", "warmup_steps", "lr_decay", "grad_clip", "ema_decay", "seed",
-                   "max_images", "world_size")
+                   "schedule", "batch_size", "lr", "warmup_steps", "lr_decay", "min_snr_gamma", "grad_clip",
+                   "ema_decay", "seed", "max_images", "world_size")
 DERIVED_KEYS = ("world_size",)  # set by the launch, not by a flag of its own
 DATASET_CHANNELS = {"mnist": 1, "cifar10": 3}  # folder:PATH and npz:PATH take theirs from the files
 LOG_EVERY = 10  # steps between reading losses back from the device (each read is a host sync)
@@ -85,6 +86,9 @@ def build_parser():
     parser.add_argument("--lr-decay", choices=arguments.LR_DECAYS, default=unset,
                         help="after the warm-up: none (constant, the lecture) or cosine (to zero at the last step); "
                              "default none")
+    parser.add_argument("--min-snr-gamma", type=float, default=unset, metavar="G",
+                        help="weight each image's loss by min(SNR_t, G) / SNR_t (Min-SNR, beyond the lecture); "
+                             "0 = off, the lecture's L_simple; default 0")
     parser.add_argument("--grad-clip", type=float, default=unset, help="max gradient norm, 0 = off; default 1.0")
     parser.add_argument("--ema-decay", type=float, default=unset, help="EMA of the weights, 0 = off; default 0.995")
     parser.add_argument("--seed", type=int, default=unset, help="default 0")
@@ -173,13 +177,16 @@ def ema_decay_at(step, ema_decay):
     return min(ema_decay, (1 + step) / (10 + step))
 
 
-def train_step(model, optimizer, x0, t, noise, schedule, lr, grad_clip, device, precision):
+def train_step(model, optimizer, x0, t, noise, schedule, lr, grad_clip, device, precision, min_snr_gamma=0.0):
     """Return the loss of one step of Algorithm 1: loss = MSE(eps, eps_theta(x_t, t)), then one Adam step at lr.
 
     Sets every parameter group's learning rate to lr, clips the gradient norm to grad_clip (0 = off), steps.
+    min_snr_gamma > 0 weights each image's error by min(SNR_t, gamma) / SNR_t (ddpm.min_snr_weights); 0 keeps
+    the lecture's L_simple.
     """
+    weights = ddpm.min_snr_weights(schedule, t, min_snr_gamma) if min_snr_gamma else None
     with runtime.autocast(device, precision):
-        loss = ddpm.get_loss(model, x0, schedule, t=t, noise=noise)
+        loss = ddpm.get_loss(model, x0, schedule, t=t, noise=noise, weights=weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
@@ -278,7 +285,7 @@ def train_one_step(run, order):
     noise = torch.randn(x0.shape, generator=generator, device=run.device).contiguous(memory_format=layout)
     lr = run_learning_rate(run, run.step)
     run.pending.append(train_step(run.trained_model, run.optimizer, x0, t, noise, run.schedule, lr,
-                                  config["grad_clip"], run.device, run.precision))
+                                  config["grad_clip"], run.device, run.precision, config["min_snr_gamma"]))
     run.pending_times.append(time.perf_counter())
     if run.ema_model is not None:
         update_ema(run.ema_model, run.model, ema_decay_at(run.step, config["ema_decay"]))

@@ -16,10 +16,10 @@ SEED_LIMIT = 2**64
 CONFIG_TYPES = {
     "dataset": str, "epochs": int, "batch_size": int, "lr": float, "timesteps": int, "img_size": int,
     "widths": list, "blocks_per_level": int, "time_emb_dim": int, "schedule": str, "warmup_steps": int,
-    "lr_decay": str, "grad_clip": float, "ema_decay": float, "seed": int, "max_images": int, "grid_samples": int,
+    "lr_decay": str, "min_snr_gamma": float, "grad_clip": float, "ema_decay": float, "seed": int, "max_images": int, "grid_samples": int,
     "channels": int, "world_size": int,
 }
-FINITE_KEYS = ("lr", "grad_clip", "ema_decay")
+FINITE_KEYS = ("lr", "min_snr_gamma", "grad_clip", "ema_decay")
 LR_DECAYS = ("none", "cosine")  # train.learning_rate after the warm-up
 
 
@@ -128,7 +128,7 @@ def config_problem(config):
         return f"the time embedding size must be even, got {config['time_emb_dim']}"
     if not 0 <= config["ema_decay"] < 1:
         return f"--ema-decay must be in [0, 1), got {config['ema_decay']}"
-    for key in ("warmup_steps", "max_images", "grid_samples", "grad_clip"):
+    for key in ("warmup_steps", "max_images", "grid_samples", "grad_clip", "min_snr_gamma"):
         if config[key] < 0:
             return f"--{key.replace('_', '-')} must not be negative, got {config[key]}"
     factor = 2 ** (len(config["widths"]) - 1)

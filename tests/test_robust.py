@@ -43,6 +43,8 @@ BAD_ARGUMENTS = [
     (["--ema-decay", "1"], "--ema-decay must be in"),
     (["--resume", "--force"], "contradict"),
     (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["--min-snr-gamma", "-1"], "--min-snr-gamma must not be negative"),
+    (["--min-snr-gamma", "inf"], "--min-snr-gamma must be a finite number"),
     (["--grad-clip", "inf"], "--grad-clip must be a finite number"),
     (["--ema-decay", "nan"], "--ema-decay must be"),
     (["--lr", "inf"], "--lr must be"),
@@ -390,7 +392,7 @@ def test_missing_foreign_and_truncated_checkpoints_get_one_clear_line(good_run, 
 
 
 @pytest.mark.parametrize("flag, value", [("--img-size", "32"), ("--timesteps", "30"), ("--widths", "16,32"),
-                                         ("--dataset", "cifar10"), ("--lr", "0.01")])
+                                         ("--dataset", "cifar10"), ("--lr", "0.01"), ("--min-snr-gamma", "5")])
 def test_resume_with_a_different_configuration_is_refused(good_run, tmp_path, capsys, flag, value):
     """--resume with a flag that contradicts the checkpoint's configuration: one line naming the key, exit 1."""
     out = tmp_path / "run"

@@ -175,6 +175,37 @@ def test_preset_values_are_overridden_by_explicit_flags():
     assert lecture["widths"] == [64, 128, 256]
 
 
+def test_train_step_with_min_snr_gamma_steps_on_the_min_snr_weighted_loss():
+    """train_step(min_snr_gamma=G) returns get_loss weighted by ddpm.min_snr_weights(t, G) and takes its SGD step
+    (w - lr * grad of that loss); G = 0, the default, is the lecture's L_simple. The batch mixes nearly clean steps
+    (t = 0, 1, weights far below 1) with noisy ones, so the two losses and their steps differ."""
+    config, _ = train.parse_config([*TINY, "--grad-clip", "0"])
+    assert config["min_snr_gamma"] == 0.0 and train.parse_config(["--min-snr-gamma", "5"])[0]["min_snr_gamma"] == 5.0
+    config["channels"] = 1
+    schedule = ddpm.Schedule.create(config["timesteps"])
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 16, 16, generator=generator) * 2 - 1
+    t, noise = torch.tensor([0, 1, 10, 19]), torch.randn(4, 1, 16, 16, generator=generator)
+    device, lr = torch.device("cpu"), 0.1
+    results = {}
+    for gamma in (0.0, 5.0):
+        torch.manual_seed(0)
+        model = runtime.build_model(config)
+        reference = runtime.build_model(config)
+        reference.load_state_dict(model.state_dict())
+        weights = ddpm.min_snr_weights(schedule, t, gamma) if gamma else None
+        expected = ddpm.get_loss(reference, x0, schedule, t=t, noise=noise, weights=weights)
+        expected.backward()
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        loss = train.train_step(model, optimizer, x0, t, noise, schedule, lr, 0, device, "fp32", gamma)
+        assert loss.item() == expected.item()
+        for stepped, before in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(stepped.detach(), before.detach() - lr * before.grad, rtol=0, atol=1e-7)
+        results[gamma] = loss.item()
+    assert ddpm.min_snr_weights(schedule, t, 5.0)[:2].max() < 0.5
+    assert results[5.0] < results[0.0]
+
+
 def test_sample_writes_png_grid_and_npz_that_agree(trained_run, tmp_path):
     """sample.py writes a PNG that decodes to the grid of the .npz's uint8 (N, H, W, C) samples, and a frames PNG."""
     out, npz = tmp_path / "s.png", tmp_path / "s.npz"
