@@ -380,6 +380,70 @@ def test_foreign_cache_file_is_a_one_line_error(tmp_path, mnist_dir, content):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The shipped judge: the same classifier on every machine
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shipped(mnist_dir):
+    """(model, cache, split): the shipped judge as loaded from the file git holds, and the bundled split."""
+    model, cache = evaluate.load_cache(evaluate.SHIPPED_JUDGE)
+    return model, cache, evaluate.classifier_split(mnist_dir)
+
+
+def test_the_shipped_judge_is_the_file_git_holds(shipped):
+    """Its MD5 is the one recorded beside it: a damaged or retrained file cannot pass as the judge of docs/."""
+    assert data.md5_of_file(evaluate.SHIPPED_JUDGE) == evaluate.SHIPPED_JUDGE_MD5
+    _, cache, _ = shipped
+    assert cache["epochs"] == evaluate.TRAIN_EPOCHS and cache["split"] == "test"
+
+
+def test_the_shipped_judge_was_trained_and_scored_on_the_bundled_digits(shipped):
+    """What the file records is true of the bundled digits: its digest is theirs, its held-out accuracy is its
+    weights' accuracy on the 2,000 reference digits (a flipped borderline digit allowed: another CPU rounds the
+    last bits of the logits differently), and its reference statistics at 32x32 are those digits' statistics."""
+    model, cache, split = shipped
+    assert cache["digits_md5"] == evaluate.digits_digest(split)
+    assert abs(evaluate.classifier_accuracy(model, split.heldout_images, split.heldout_labels)
+               - cache["heldout_accuracy"]) <= 1 / len(split.heldout_labels)
+    recorded = cache["references"][str(SAMPLE_SIZE)]
+    recomputed = evaluate.reference_statistics(model, split.heldout_images, SAMPLE_SIZE)
+    assert torch.allclose(recorded["mu"], recomputed["mu"], atol=1e-3)
+    assert torch.allclose(recorded["sigma"], recomputed["sigma"], atol=1e-3)
+    assert recorded["n"] == recomputed["n"] == len(split.heldout_images)
+    assert recorded["dark_mean"] == pytest.approx(recomputed["dark_mean"], abs=1e-9)
+
+
+def test_evaluate_uses_the_shipped_judge_without_training(shipped, mnist_dir, tmp_path, monkeypatch):
+    """Without a cache, the recipe's classifier of the bundled digits is the shipped one, copied into the cache:
+    nothing is trained, and the weights are the shipped weights bit for bit."""
+    model, _, _ = shipped
+    monkeypatch.setattr(evaluate, "train_classifier", lambda *args, **kwargs: pytest.fail("trained a classifier"))
+    loaded, cache = evaluate.load_or_train_classifier(mnist_dir, str(tmp_path))
+    assert os.path.exists(evaluate.cache_path(str(tmp_path), "test"))
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, loaded.state_dict()[name]), name
+
+
+def test_the_shipped_judge_is_not_used_for_other_digits_or_another_recipe(shipped):
+    """Other digits (one label changed) or other epochs are not what it was trained on: a classifier is trained."""
+    _, _, split = shipped
+    changed = split.heldout_labels.copy()
+    changed[0] = (changed[0] + 1) % 10
+    assert evaluate.shipped_judge(split._replace(heldout_labels=changed)) is None
+    assert evaluate.shipped_judge(split, epochs=evaluate.TRAIN_EPOCHS + 1) is None
+    assert evaluate.shipped_judge(split) is not None
+
+
+def test_a_damaged_shipped_judge_is_a_one_line_error(shipped, tmp_path):
+    """A shipped file whose bytes changed is reported with what to do, not trusted and not traced back."""
+    _, _, split = shipped
+    damaged = tmp_path / "judge.pt"
+    damaged.write_bytes(open(evaluate.SHIPPED_JUDGE, "rb").read()[:-1] + b"x")
+    with pytest.raises(evaluate.EvaluationError, match="restore it from git"):
+        evaluate.shipped_judge(split, path=str(damaged))
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Figures of real and degraded digits
 # ---------------------------------------------------------------------------------------------------------
 
