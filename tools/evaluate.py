@@ -6,9 +6,11 @@ samples.npz is what sample.py writes: key 'arr_0', uint8 (N, H, W, 1), pixels 0.
 The report is printed in words first; its LAST line is one JSON object holding every figure.
 
 Why a LeNet and not Inception: the Inception network of the usual FID was trained on photographs, is a
-100 MB download and sees a 28x28 digit upsampled eightfold. A LeNet trained here on MNIST itself, once and
-deterministically (seconds on a CPU), measures what matters for digits. Its FID values are therefore
-comparable with each other (same classifier version, same data split), NOT with published FIDs.
+100 MB download and sees a 28x28 digit upsampled eightfold. A LeNet trained on MNIST itself, deterministically
+(seconds on a CPU), measures what matters for digits. Its FID values are therefore comparable with each other
+(same classifier version, same data split, same weights), NOT with published FIDs. The same weights: a CPU with
+other vector instructions trains other last bits and so another judge, so the classifier of the bundled split is
+shipped (SHIPPED_JUDGE) and trained here only for other digits.
 
 The reference: real digits no DDPM trained by train.py has seen. On the bundled test split train.py reads only
 the first 8,000 digits; the last 2,000 are the reference (and the classifier's held-out set). With the 60,000-digit
