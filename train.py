@@ -334,12 +334,15 @@ def on_rank_0(run, write):
 
 def save(run):
     """Write the checkpoint at run's position and loss.csv (rank 0 only; both atomic; every rank learns if it failed)."""
-    def write():
-        checkpoints.save_checkpoint(run.checkpoint_path, checkpoints.make_checkpoint(
-            run.config, run.model, run.ema_model, run.optimizer, run.epoch, run.step_in_epoch, run.step, run.losses,
-            run.elapsed))
-        write_losses(run)
-    on_rank_0(run, write)
+    on_rank_0(run, lambda: write_checkpoint(run))
+
+
+def write_checkpoint(run):
+    """Write the checkpoint at run's position, then loss.csv, each atomically (the caller runs this on rank 0)."""
+    checkpoints.save_checkpoint(run.checkpoint_path, checkpoints.make_checkpoint(
+        run.config, run.model, run.ema_model, run.optimizer, run.epoch, run.step_in_epoch, run.step, run.losses,
+        run.elapsed))
+    write_losses(run)
 
 
 def diverged(run, bad_step):
@@ -388,11 +391,14 @@ def epoch_text(run):
 
 
 def end_of_epoch(run):
-    """Count the epoch as done, write its grid of samples (rank 0) and the checkpoint."""
+    """Count the epoch as done; rank 0 writes its grid of samples and the checkpoint (one agreement for both)."""
     run.epoch, run.step_in_epoch = run.epoch + 1, 0
-    if run.config["grid_samples"]:
-        on_rank_0(run, lambda: write_grid(run))
-    save(run)
+
+    def write():
+        if run.config["grid_samples"]:
+            write_grid(run)
+        write_checkpoint(run)
+    on_rank_0(run, write)
 
 
 def write_grid(run):
