@@ -160,7 +160,9 @@ def test_draw_fast_and_ddim_are_ddim_sample_with_their_eta_steps_and_order(loade
     given = {} if steps == 50 else {"steps": steps}
     given.update({} if eta == default_eta else {"eta": eta})
     given.update({} if order == default_order else {"order": order})
-    drawn = sample.draw(model, schedule, config, n=3, sampler=sampler, seed=5, progress=False, **given)
+    # fp32 as the reference below: precision "auto" is bf16 on a CPU with native bf16 (AVX-512 BF16, AMX).
+    drawn = sample.draw(model, schedule, config, n=3, sampler=sampler, seed=5, precision="fp32", progress=False,
+                        **given)
     expected, _ = ddpm.ddim_sample(model, schedule, (3, 1, 16, 16), steps=steps, eta=eta, order=order,
                                    generator=runtime.seeded_generator(5, 0))
     assert torch.equal(drawn, expected)
@@ -169,10 +171,25 @@ def test_draw_fast_and_ddim_are_ddim_sample_with_their_eta_steps_and_order(loade
     assert not torch.equal(drawn, other_order)
 
 
+def test_draw_in_bf16_is_the_sampler_under_bf16_autocast(loaded):
+    """precision='bf16' runs the sampler under bf16 autocast (what 'auto' picks on a CPU with native bf16), and the
+    precision is not ignored: the fp32 draw from the same generator differs."""
+    model, schedule, config = loaded
+    drawn = sample.draw(model, schedule, config, n=2, sampler="fast", steps=5, seed=3, precision="bf16",
+                        progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, _ = ddpm.ddim_sample(model, schedule, (2, 1, 16, 16), steps=5, eta=1.0, order=2,
+                                       generator=runtime.seeded_generator(3, 0))
+    assert torch.equal(drawn, expected.float())
+    in_fp32 = sample.draw(model, schedule, config, n=2, sampler="fast", steps=5, seed=3, precision="fp32",
+                          progress=False)
+    assert not torch.equal(drawn, in_fp32)
+
+
 def test_draw_ddpm_is_the_lecture_sampler_over_all_t_steps(loaded):
     """sampler='ddpm' is ddpm.sample (Algorithm 2, T steps) from the (seed, 0) generator."""
     model, schedule, config = loaded
-    drawn = sample.draw(model, schedule, config, n=2, sampler="ddpm", seed=1, progress=False)
+    drawn = sample.draw(model, schedule, config, n=2, sampler="ddpm", seed=1, precision="fp32", progress=False)
     expected, _ = ddpm.sample(model, schedule, (2, 1, 16, 16), generator=runtime.seeded_generator(1, 0))
     assert torch.equal(drawn, expected)
 
