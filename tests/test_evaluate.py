@@ -434,6 +434,21 @@ def test_the_shipped_judge_is_not_used_for_other_digits_or_another_recipe(shippe
     assert evaluate.shipped_judge(split) is not None
 
 
+def test_a_written_judge_is_the_classifier_training_makes_and_is_found_for_its_digits(trained, shipped, mnist_dir,
+                                                                                      tmp_path):
+    """write_shipped_judge (how the shipped file was made) writes the weights train_classifier makes from those digits
+    (bit for bit: training is deterministic on one machine) with their digest, and shipped_judge then returns it."""
+    model, cache, _ = trained
+    _, _, split = shipped
+    path = str(tmp_path / "judge.pt")
+    evaluate.write_shipped_judge(mnist_dir, path, epochs=cache["epochs"], image_size=SAMPLE_SIZE)
+    found = evaluate.shipped_judge(split, epochs=cache["epochs"], path=path, md5=data.md5_of_file(path))
+    assert found is not None and found["digits_md5"] == evaluate.digits_digest(split)
+    assert str(SAMPLE_SIZE) in found["references"]
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, found["state_dict"][name]), name
+
+
 def test_a_damaged_shipped_judge_is_a_one_line_error(shipped, tmp_path):
     """A shipped file whose bytes changed is reported with what to do, not trusted and not traced back."""
     _, _, split = shipped
