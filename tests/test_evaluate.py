@@ -443,10 +443,13 @@ def test_a_written_judge_is_the_classifier_training_makes_and_is_found_for_its_d
     path = str(tmp_path / "judge.pt")
     evaluate.write_shipped_judge(mnist_dir, path, epochs=cache["epochs"], image_size=SAMPLE_SIZE)
     found = evaluate.shipped_judge(split, epochs=cache["epochs"], path=path, md5=data.md5_of_file(path))
-    assert found is not None and found["digits_md5"] == evaluate.digits_digest(split)
-    assert str(SAMPLE_SIZE) in found["references"]
+    assert found is not None
+    found_model, found_cache = found
+    assert found_cache["digits_md5"] == evaluate.digits_digest(split)
+    assert str(SAMPLE_SIZE) in found_cache["references"]
     for name, weight in model.state_dict().items():
-        assert torch.equal(weight, found["state_dict"][name]), name
+        assert torch.equal(weight, found_cache["state_dict"][name]), name
+        assert torch.equal(weight, found_model.state_dict()[name]), name
 
 
 def test_a_damaged_shipped_judge_is_a_one_line_error(shipped, tmp_path):

@@ -320,11 +320,8 @@ def load_or_train_classifier(data_dir, cache_dir, epochs=TRAIN_EPOCHS, split=Non
     path = cache_path(cache_dir, split.name)
     if os.path.exists(path):
         return load_cache(path)
-    shipped = shipped_judge(split, epochs)
-    if shipped is not None:
-        save_cache(path, shipped)
-        return load_cache(path)
-    model, cache = trained_classifier(split, epochs)
+    found = shipped_judge(split, epochs)
+    model, cache = found if found is not None else trained_classifier(split, epochs)
     save_cache(path, cache)
     return model, cache
 
@@ -357,8 +354,8 @@ def digits_digest(split):
 
 
 def shipped_judge(split, epochs=TRAIN_EPOCHS, path=None, md5=None):
-    """Return the shipped judge's cache dict when it is the classifier asked for: trained for `epochs` on these very
-    digits (its digits_md5 is digits_digest(split)); None otherwise, or when the file is absent.
+    """Return the shipped judge's (model, cache) when it is the classifier asked for: trained for `epochs` on these
+    very digits (its digits_md5 is digits_digest(split)); None otherwise, or when the file is absent.
 
     path and md5 default to SHIPPED_JUDGE and SHIPPED_JUDGE_MD5. A file whose MD5 is not the one shipped raises
     EvaluationError: it was damaged or edited.
@@ -370,10 +367,10 @@ def shipped_judge(split, epochs=TRAIN_EPOCHS, path=None, md5=None):
     found = data.md5_of_file(path)
     if found != md5:
         raise EvaluationError(f"the shipped classifier {path} has md5 {found}, expected {md5}: restore it from git")
-    _, cache = load_cache(path)
+    model, cache = load_cache(path)
     if cache["epochs"] != epochs or cache.get("digits_md5") != digits_digest(split):
         return None
-    return cache
+    return model, cache
 
 
 def write_shipped_judge(data_dir, path, epochs=TRAIN_EPOCHS, image_size=32):
