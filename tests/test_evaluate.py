@@ -71,7 +71,7 @@ FIGURE_KEYS = {
     "per_class_confidence", "class_histogram", "class_entropy_nats",
     "max_class_entropy_nats", "dark_mean", "real_dark_mean", "midtone_fraction", "real_midtone_fraction",
     "n_real", "classifier_version", "reference_split", "classifier_heldout_accuracy", "real_fid", "n_real_fid",
-    "real_fid_low", "real_fid_high",
+    "real_fid_low", "real_fid_high", "shipped_judge",
 }
 
 
@@ -461,6 +461,31 @@ def test_a_damaged_shipped_judge_is_a_one_line_error(shipped, tmp_path):
         evaluate.shipped_judge(split, path=str(damaged))
 
 
+@pytest.mark.parametrize("weights", ["shipped", "trained_elsewhere"])
+def test_a_cached_classifier_that_is_not_the_shipped_judge_is_reported(shipped, mnist_dir, tmp_path, capsys, weights):
+    """A cache of the bundled digits' recipe is scored as it is, but the JSON line says whether it is the shipped
+    judge, and a cache with other weights (one changed here: what another CPU's training gives) warns in one line
+    that its figures are not the README's, and what to do."""
+    _, cache, _ = shipped
+    cache = {**cache, "state_dict": dict(cache["state_dict"])}
+    if weights == "trained_elsewhere":
+        del cache["made_with"]
+        name = next(iter(cache["state_dict"]))
+        cache["state_dict"][name] = cache["state_dict"][name] + 1e-6
+    torch.save(cache, evaluate.cache_path(str(tmp_path), "test"))
+    digits, _ = data.load_mnist(mnist_dir)
+    path = write_npz(tmp_path / "samples.npz", arr_0=evaluate.real_digits_like_samples(digits[6000:6064], SAMPLE_SIZE))
+    assert evaluate.main([path, "--data-dir", mnist_dir, "--cache", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    figures = json.loads(out.strip().splitlines()[-1])
+    warnings = [line for line in err.splitlines() if "not the shipped judge" in line]
+    if weights == "shipped":
+        assert figures["shipped_judge"] is True and warnings == []
+    else:
+        assert figures["shipped_judge"] is False
+        assert len(warnings) == 1 and "delete it" in warnings[0] and str(tmp_path) in warnings[0]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Figures of real and degraded digits
 # ---------------------------------------------------------------------------------------------------------
@@ -636,6 +661,7 @@ def test_cli_prints_every_figure_as_json_on_the_last_line(trained, floor_setup, 
     for key, value in expected.items():
         assert figures[key] == pytest.approx(value, rel=1e-4), key
     assert figures["classifier_heldout_accuracy"] == cache["heldout_accuracy"]
+    assert figures["shipped_judge"] is None  # trained for TEST_EPOCHS: the shipped judge is not this recipe's
     assert "N=64" in result.stderr and "Traceback" not in result.stderr
 
 

@@ -38,6 +38,8 @@ Figures:
 - dark_mean / midtone_fraction: background noise. dark_mean is the mean intensity (0..1) of the pixels below
   mid-grey, midtone_fraction the fraction of pixels between 20 % and 80 % of full scale. Real MNIST
   backgrounds are exactly black, so a noisy sampler shows up as larger values than the real digits'.
+- shipped_judge: true when the classifier is the shipped judge (the figures of docs/ and the README), false when
+  a cached classifier of the same digits and recipe holds other weights (a warning says so), null for other digits.
 
 Like is compared with like: the real digits go through the same path as the samples (the training
 preprocessing at the samples' size, back to uint8, then the one function that brings every image to 28x28).
@@ -373,6 +375,18 @@ def shipped_judge(split, epochs=TRAIN_EPOCHS, path=None, md5=None):
     return model, cache
 
 
+def is_shipped_judge(cache, split):
+    """Return True when cache holds the shipped judge's weights, False when it holds other weights where the shipped
+    judge applies (the same digits and epochs: a classifier trained on this machine, whose figures are not those of
+    docs/), None when the shipped judge does not apply to split's digits at cache's epochs."""
+    found = shipped_judge(split, cache["epochs"])
+    if found is None:
+        return None
+    shipped_weights = found[1]["state_dict"]
+    return cache["state_dict"].keys() == shipped_weights.keys() and all(
+        torch.equal(weight, shipped_weights[name]) for name, weight in cache["state_dict"].items())
+
+
 def write_shipped_judge(data_dir, path, epochs=TRAIN_EPOCHS, image_size=32):
     """Return the cache dict written to path: the classifier trained on data_dir's split, with the reference
     statistics at image_size and the digits' digest, ready to be shipped (see SHIPPED_JUDGE, JUDGE_COMMAND)."""
@@ -661,6 +675,7 @@ def main(argv=None):
         device = runtime.resolve_device(args.device)
         split = classifier_split(args.data_dir)
         model, cache = load_or_train_classifier(args.data_dir, args.cache, split=split)
+        shipped = is_shipped_judge(cache, split)
         reference = cached_reference_statistics(model, cache, cache_path(args.cache, cache["split"]),
                                                 split.heldout_images, samples.shape[1], device)
         figures = sample_figures(samples, model, reference, device)
@@ -674,8 +689,13 @@ def main(argv=None):
     if figures["n_samples"] < FID_RELIABLE_SAMPLES:
         print(f"evaluate.py: warning: FID from N={figures['n_samples']} samples is biased upward "
               f"(use >= {FID_RELIABLE_SAMPLES}); compare only FIDs computed from the same N", file=sys.stderr)
+    if shipped is False:
+        print(f"evaluate.py: warning: the cached classifier {cache_path(args.cache, cache['split'])} is not the "
+              f"shipped judge (it was trained on a machine, and other CPUs train other weights), so these figures "
+              f"are not comparable with those of the README and docs/: delete it to score with the shipped judge",
+              file=sys.stderr)
     figures.update(classifier_version=CLASSIFIER_VERSION, reference_split=cache["split"],
-                   classifier_heldout_accuracy=cache["heldout_accuracy"])
+                   classifier_heldout_accuracy=cache["heldout_accuracy"], shipped_judge=shipped)
     say(format_report(figures, cache))
     say(json.dumps(strict_json_values(figures), allow_nan=False))
     return 0
