@@ -319,17 +319,18 @@ def write_losses(run):
 def on_rank_0(run, write):
     """Call write() on rank 0 alone; then every rank learns whether it failed, so that none waits for rank 0 forever.
 
-    Rank 0 raises its own error (main prints it, once); the other ranks raise distributed.RankFailed, which main
-    turns into exit code 1 without a line of its own. In a single process this is write() itself.
+    Rank 0 raises its own error: a failed write is one line from main, anything else (running out of GPU memory
+    while sampling the grid, a bug) its traceback. The other ranks raise distributed.RankFailed, which main turns
+    into exit code 1 without a line of their own. In a single process this is write() itself.
     """
     error = None
     if run.is_main:
         try:
             write()
-        except (files.OutputError, OSError) as caught:
+        except Exception as caught:  # any failure: the other ranks must not wait in the next collective
             error = caught
     if distributed.any_rank(error is not None, run.world_size, run.device):
-        raise error if error is not None else distributed.RankFailed("rank 0 could not write its outputs")
+        raise error if error is not None else distributed.RankFailed("rank 0 failed while writing its outputs")
 
 
 def save(run):

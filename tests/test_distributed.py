@@ -100,6 +100,18 @@ if "FAIL_SAVE_AT_STEP" in os.environ and os.environ["RANK"] == "0":  # a full di
         return real_save_checkpoint(path, checkpoint)
 
     checkpoints.save_checkpoint = failing_save_checkpoint
+if "FAIL_GRID_AT_EPOCH" in os.environ and os.environ["RANK"] == "0":  # not a write error: a bug, or out of memory
+    import sample
+    real_preview_grid = sample.preview_grid
+    grids_made = []
+
+    def failing_preview_grid(*args, **kwargs):
+        grids_made.append(1)
+        if len(grids_made) == int(os.environ["FAIL_GRID_AT_EPOCH"]):
+            raise RuntimeError("injected failure while sampling the preview grid")
+        return real_preview_grid(*args, **kwargs)
+
+    sample.preview_grid = failing_preview_grid
 atexit.register(save_record)
 sys.stdout = PrintRecorder(sys.stdout)
 sys.addaudithook(on_event)
@@ -356,6 +368,20 @@ def test_torchrun_disk_full_stops_every_rank_with_one_line_and_resume_reaches_th
     assert max_difference(final["model"], expected["model"]) == 0.0
     assert max_difference(final["ema"], expected["ema"]) == 0.0
     assert final["losses"] == expected["losses"]
+
+
+def test_torchrun_failure_other_than_a_write_on_rank_0_stops_rank_1_without_a_traceback_of_its_own(tmp_path):
+    """Rank 0's preview grid raises a RuntimeError at epoch 2 (of 3), as running out of GPU memory would: rank 0
+    shows that error, rank 1 learns of it and exits without a line of its own (it used to die in the next
+    collective with gloo's "Connection closed by peer" traceback), and epoch 1's checkpoint stays."""
+    out_dir = tmp_path / "run"
+    failed = torchrun([*TINY_FLAGS, "--epochs", "3", "--out", str(out_dir)], tmp_path / "rec",
+                      {"FAIL_GRID_AT_EPOCH": "2"})
+    assert failed.returncode != 0, failed.stderr
+    assert "RuntimeError: injected failure while sampling the preview grid" in failed.stderr, failed.stderr
+    assert not any(line.startswith("[rank1]") for line in failed.stderr.splitlines()), failed.stderr
+    assert "RankFailed:" not in failed.stderr and "Connection closed" not in failed.stderr, failed.stderr
+    assert checkpoints.load_checkpoint(str(out_dir / "checkpoint.pt"))["step"] == STEPS_PER_EPOCH
 
 
 def test_torchrun_download_finishes_before_any_rank_reads_the_data(tmp_path):
