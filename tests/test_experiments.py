@@ -89,3 +89,11 @@ def test_largest_improvements_are_the_two_most_negative_deltas(values):
     changes = [{"change": f"change {index}", "delta_fid": value} for index, value in enumerate(values)]
     negative = sorted((value, index) for index, value in enumerate(values) if value is not None and value < 0)
     assert experiments.largest_improvements(changes, "delta_fid") == [f"change {index}" for _, index in negative[:2]]
+
+
+def test_the_experiments_train_the_network_their_figures_were_measured_with():
+    """docs/lecture_questions.md's runs used the quick preset of their time: widths 32, 64, 128, two blocks a level,
+    lr 1e-3 held after the warm-up. The preset has changed since; the experiments' base run must not change with it."""
+    config = experiments.base_config(experiments.parse_args([]))
+    assert config["widths"] == [32, 64, 128] and config["blocks_per_level"] == 2
+    assert config["lr"] == 1e-3 and config["lr_decay"] == "none" and config["batch_size"] == 64
