@@ -239,7 +239,7 @@ def model_from_weights(config, state_dict, device, precision, source="the checkp
         raise CheckpointError(f"{source}: the weights do not fit the model its configuration describes "
                               f"({first_line(error)}); "
                               "use a checkpoint written by train.py or weights written by sample.py --export") from None
-    return model.to(device=device, memory_format=runtime.memory_format(precision)).eval()
+    return runtime.place_model(model, device, precision).eval()
 
 
 def exported_weights(checkpoint):

@@ -176,7 +176,7 @@ def fast_training_step(config, batch_size, device, precision):
     runtime.autocast, the EMA update, and the pending losses read back every train.LOG_EVERY steps.
     """
     layout = runtime.memory_format(precision)
-    model = runtime.build_model(config).to(device=device, memory_format=layout)
+    model = runtime.place_model(runtime.build_model(config), device, precision)
     optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=device.type == "cuda")
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device)
@@ -326,7 +326,7 @@ def training_peak_memory(path, config, batch_size, device, precision, steps):
 def sampling_model(config, device, precision):
     """Return a freshly initialised model in eval mode, in the memory format of the precision."""
     torch.manual_seed(config["seed"])
-    return runtime.build_model(config).to(device=device, memory_format=runtime.memory_format(precision)).eval()
+    return runtime.place_model(runtime.build_model(config), device, precision).eval()
 
 
 def sampling_draw(model, config, batch_size, device, precision, sampler, steps):
