@@ -326,3 +326,18 @@ def test_readme_states_the_parameter_counts_of_the_lectures_network_and_of_the_q
                            ({**train.DEFAULTS, **train.PRESETS["quick"]}, "the quick preset: 0.45M")):
         count = count_parameters(runtime.build_model({**config, "channels": 1}))
         assert stated in readme and f"{count / 1e6:.2f}M" in stated, (count, stated)
+
+
+def test_readme_states_the_quick_presets_widths_epochs_steps_and_learning_rate():
+    """The README's quick-preset paragraph names the recipe train.PRESETS["quick"] holds: its widths, its epochs of the
+    8,000 digits train.py reads (the bundled split less the 2,000 evaluate keeps), the steps they make, its rate."""
+    with open(os.path.join(ROOT, "README.md")) as stream:
+        readme = " ".join(stream.read().split())
+    quick = train.PRESETS["quick"]
+    digits = data.MNIST_TEST_DIGITS - data.HELD_OUT_TEST_DIGITS
+    steps = quick["epochs"] * (digits // quick["batch_size"])
+    widths = ", ".join(str(width) for width in quick["widths"])
+    rate = f"{quick['lr']:.0e}".replace("e-0", "e-")  # 0.002 -> 2e-3, as the README writes it
+    for stated in (f"widths ({widths})", f"batch {quick['batch_size']}, {quick['epochs']} epochs of the {digits:,} digits",
+                   f"({steps:,} steps)", f"learning rate ({rate})"):
+        assert stated in readme, stated
