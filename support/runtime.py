@@ -139,7 +139,7 @@ def place_model(model, device, precision):
     layout = memory_format(precision)
     model = model.to(device=device, memory_format=layout)
     if device.type == "cpu" and layout == torch.channels_last:
-        for module in model.modules():
-            if type(module) is nn.GroupNorm and module.num_channels // module.num_groups <= CONTIGUOUS_NORM_MAX_CHANNELS_PER_GROUP:
-                module.__class__ = ContiguousGroupNorm
+        for norm in [module for module in model.modules() if type(module) is nn.GroupNorm]:
+            if norm.num_channels // norm.num_groups <= CONTIGUOUS_NORM_MAX_CHANNELS_PER_GROUP:
+                norm.__class__ = ContiguousGroupNorm
     return model
