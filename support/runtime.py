@@ -1,6 +1,7 @@
 """What train.py, sample.py and the tools share: devices, precision, seeded generators, the model from a config.
 
-One device resolver (resolve_device), one precision policy (resolve_precision), one clip policy (clip_x0_by_default).
+One device resolver (resolve_device), one precision policy (resolve_precision), one clip policy (clip_x0_by_default),
+one placement of a model on its device (place_model).
 """
 import contextlib
 
