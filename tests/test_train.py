@@ -317,11 +317,16 @@ def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_tim
     assert grid.shape == deterministic_grid.shape and not np.array_equal(grid, deterministic_grid)
 
 
+def readme_on_one_line():
+    """Return README.md with every run of whitespace (line breaks included) as one space, for phrase checks."""
+    with open(os.path.join(ROOT, "README.md")) as stream:
+        return " ".join(stream.read().split())
+
+
 def test_readme_states_the_parameter_counts_of_the_lectures_network_and_of_the_quick_preset():
     """The README's "6.21M parameters by default" and "the quick preset: 0.45M" are the counts of the networks
     train.py builds for its defaults and for --preset quick (MNIST, one channel)."""
-    with open(os.path.join(ROOT, "README.md")) as stream:
-        readme = " ".join(stream.read().split())
+    readme = readme_on_one_line()
     for config, stated in ((train.DEFAULTS, "6.21M parameters by default"),
                            ({**train.DEFAULTS, **train.PRESETS["quick"]}, "the quick preset: 0.45M")):
         count = count_parameters(runtime.build_model({**config, "channels": 1}))
@@ -331,8 +336,7 @@ def test_readme_states_the_parameter_counts_of_the_lectures_network_and_of_the_q
 def test_readme_states_the_quick_presets_widths_epochs_steps_and_learning_rate():
     """The README's quick-preset paragraph names the recipe train.PRESETS["quick"] holds: its widths, its epochs of the
     8,000 digits train.py reads (the bundled split less the 2,000 evaluate keeps), the steps they make, its rate."""
-    with open(os.path.join(ROOT, "README.md")) as stream:
-        readme = " ".join(stream.read().split())
+    readme = readme_on_one_line()
     quick = train.PRESETS["quick"]
     digits = data.MNIST_TEST_DIGITS - data.HELD_OUT_TEST_DIGITS
     steps = quick["epochs"] * (digits // quick["batch_size"])
