@@ -8,6 +8,7 @@ followed by a new mutation run fails here until the documents give the new score
 import ast
 import re
 
+from repo_paths import readme_on_one_line
 from tools import mutation
 
 DDPM_SOURCE = (mutation.ROOT / mutation.TARGET).read_text()
@@ -64,9 +65,9 @@ def test_readme_and_specification_state_the_mutant_count_of_todays_ddpm():
     """The README's "breaks ddpm.py in N small ways ... K/N caught" and the specification's "score: K/N killed" use
     N = the number of mutants of today's ddpm.py (re-run `python -m tools.mutation` and update both when not)."""
     count = len(mutation.find_mutants(DDPM_SOURCE))
-    readme = (mutation.ROOT / "README.md").read_text()
+    readme = readme_on_one_line()
     specification = (mutation.ROOT / "docs" / "specification.md").read_text()
-    ways = re.search(r"breaks `ddpm.py` in (\d+) small ways", " ".join(readme.split()))
+    ways = re.search(r"breaks `ddpm.py` in (\d+) small ways", readme)
     caught = re.search(r"(\d+)/(\d+) caught", readme)
     score = re.search(r"score: (\d+)/(\d+) killed", specification)
     assert ways and caught and score

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 import ddpm
 import sample
 import train
-from repo_paths import ROOT
+from repo_paths import ROOT, readme_on_one_line
 from support import checkpoints, data, images, runtime
 from test_data import cifar_archive_members, cifar_batch, write_cifar_archive
 from unet import count_parameters
@@ -315,12 +315,6 @@ def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_tim
                                         eta=0.0, x_T=x_T)
     deterministic_grid = images.make_grid(images.to_uint8(deterministic), nrow=2)
     assert grid.shape == deterministic_grid.shape and not np.array_equal(grid, deterministic_grid)
-
-
-def readme_on_one_line():
-    """Return README.md with every run of whitespace (line breaks included) as one space, for phrase checks."""
-    with open(os.path.join(ROOT, "README.md")) as stream:
-        return " ".join(stream.read().split())
 
 
 def test_readme_states_the_parameter_counts_of_the_lectures_network_and_of_the_quick_preset():
