@@ -134,7 +134,7 @@ def config_problem(config):
     factor = 2 ** (len(config["widths"]) - 1)
     if config["img_size"] % factor:
         return (f"--img-size {config['img_size']} is not divisible by {factor} = 2**(levels-1) for widths "
-                f"{','.join(map(str, config['widths']))}; use a multiple of {factor}")
+                f"{','.join(map(str, config['widths']))}; use a multiple of {factor}, or fewer levels (--widths)")
     if min(config["widths"]) < 2:
         return "every width must be at least 2 (GroupNorm needs two channels per group)"
     try:

@@ -161,6 +161,22 @@ def test_the_quick_preset_decays_its_learning_rate_and_the_lecture_does_not():
         train.parse_config(["--lr-decay", "linear"])
 
 
+def test_an_image_size_the_presets_levels_cannot_halve_is_refused_in_one_line_that_names_the_way_out(capsys):
+    """Each level but the last halves the image, so the side must be a multiple of 2**(levels-1): for the quick
+    preset's widths that is 8 (28 is refused, naming the multiple and --widths), and with fewer widths 28 is fine."""
+    levels = len(train.PRESETS["quick"]["widths"])
+    factor = 2 ** (levels - 1)
+    size = 32 - factor // 2  # a multiple of factor / 2, not of factor
+    with pytest.raises(SystemExit):
+        train.parse_config(["--preset", "quick", "--img-size", str(size)])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--img-size {size} is not divisible by {factor}" in error
+    assert f"use a multiple of {factor}" in error and "--widths" in error
+    fewer = ",".join(str(width) for width in train.PRESETS["quick"]["widths"][:-1])
+    config, _ = train.parse_config(["--preset", "quick", "--img-size", str(size), "--widths", fewer])
+    assert config["img_size"] == size and len(config["widths"]) == levels - 1
+
+
 def test_preset_values_are_overridden_by_explicit_flags():
     """--preset quick sets its widths, learning rate and epochs; an explicit flag (--epochs, --lr) wins over the
     preset; the rest are the lecture's."""
@@ -318,11 +334,11 @@ def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_tim
 
 
 def test_readme_states_the_parameter_counts_of_the_lectures_network_and_of_the_quick_preset():
-    """The README's "6.21M parameters by default" and "the quick preset: 0.45M" are the counts of the networks
+    """The README's "6.21M parameters by default" and "the quick preset: 0.73M" are the counts of the networks
     train.py builds for its defaults and for --preset quick (MNIST, one channel)."""
     readme = readme_on_one_line()
     for config, stated in ((train.DEFAULTS, "6.21M parameters by default"),
-                           ({**train.DEFAULTS, **train.PRESETS["quick"]}, "the quick preset: 0.45M")):
+                           ({**train.DEFAULTS, **train.PRESETS["quick"]}, "the quick preset: 0.73M")):
         count = count_parameters(runtime.build_model({**config, "channels": 1}))
         assert stated in readme and f"{count / 1e6:.2f}M" in stated, (count, stated)
 
