@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from test_math import HostReads
-from unet import SimpleUnet, SinusoidalPositionEmbeddings, count_parameters, group_norm_groups
+from unet import SimpleUnet, SinusoidalPositionEmbeddings, count_parameters, group_norm_groups, size_multiple
 
 NUM_TIMESTEPS = 1000
 
@@ -413,6 +413,18 @@ def test_image_size_not_divisible_by_two_to_the_down_samplings_raises_a_clear_er
     model = SimpleUnet(widths=widths, time_emb_dim=8)
     with pytest.raises(ValueError, match=rf"^image size {size} is not divisible by {factor} = 2\*\*\(levels-1\)"):
         model(torch.zeros(1, 1, size, size), torch.tensor([0]))
+
+
+@given(unet_configs())
+def test_size_multiple_is_the_ratio_of_the_image_side_to_the_middle_blocks_side(config):
+    """size_multiple(widths) = 2**(levels - 1) is exactly how much the down path shrinks a side: H / H_middle."""
+    image_channels, widths, blocks_per_level, size = config
+    model = SimpleUnet(image_channels=image_channels, widths=widths, blocks_per_level=blocks_per_level, time_emb_dim=8)
+    middle_sides = []
+    model.middle.register_forward_hook(lambda module, inputs, output: middle_sides.append(output.shape[2:]))
+    with torch.no_grad():
+        model(torch.zeros(1, image_channels, size, size), torch.tensor([0]))
+    assert tuple(middle_sides[0]) == (size // size_multiple(widths),) * 2
 
 
 def test_wrong_shapes_of_x_and_t_raise_clear_errors():

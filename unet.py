@@ -110,6 +110,15 @@ def group_norm_groups(widths, groups):
     return num_groups
 
 
+def size_multiple(widths):
+    """Return 2**(levels - 1), levels = len(widths): an image side the U-Net takes must be a multiple of it.
+
+    Each of the len(widths) - 1 down-samplings halves the side, and the up path must return to exactly the sizes
+    of the skips it concatenates.
+    """
+    return 2 ** (len(widths) - 1)
+
+
 def check_architecture(image_channels, widths, blocks_per_level, groups):
     """Return None if the arguments describe a U-Net that can be built; raise a one-line ValueError if not."""
     if image_channels < 1:
@@ -180,8 +189,7 @@ class SimpleUnet(nn.Module):
     def check_inputs(self, x, t):
         """Return None if x (B, image_channels, H, W) and t (B,) fit the network; raise a one-line ValueError if not.
 
-        H and W must be multiples of 2**(levels - 1): each down-sampling halves them, and the up path must
-        return to exactly the sizes of the skips it concatenates.
+        H and W must be multiples of size_multiple(widths) = 2**(levels - 1).
         """
         if x.dim() != 4:
             raise ValueError(f"x must have shape (B, C, H, W), got {tuple(x.shape)}; add a batch or channel axis")
@@ -189,7 +197,7 @@ class SimpleUnet(nn.Module):
             raise ValueError(
                 f"x has {x.shape[1]} channels but the model was built for image_channels={self.image_channels}"
             )
-        factor = 2 ** (len(self.widths) - 1)
+        factor = size_multiple(self.widths)
         for size in x.shape[2:]:
             if size % factor:
                 raise ValueError(

@@ -131,7 +131,7 @@ def config_problem(config):
     for key in ("warmup_steps", "max_images", "grid_samples", "grad_clip", "min_snr_gamma"):
         if config[key] < 0:
             return f"--{key.replace('_', '-')} must not be negative, got {config[key]}"
-    factor = 2 ** (len(config["widths"]) - 1)
+    factor = unet.size_multiple(config["widths"])
     if config["img_size"] % factor:
         return (f"--img-size {config['img_size']} is not divisible by {factor} = 2**(levels-1) for widths "
                 f"{','.join(map(str, config['widths']))}; use a multiple of {factor}, or fewer levels (--widths)")
