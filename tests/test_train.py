@@ -333,11 +333,11 @@ def test_preview_grid_is_the_stochastic_fast_route_from_the_same_noise_every_tim
 
 
 def test_readme_states_the_parameter_counts_of_the_lectures_network_and_of_the_quick_preset():
-    """The README's "6.21M parameters by default" and "the quick preset: 0.73M" are the counts of the networks
+    """The README's "6.21M parameters by default" and "the quick preset: 0.65M" are the counts of the networks
     train.py builds for its defaults and for --preset quick (MNIST, one channel)."""
     readme = readme_on_one_line()
     for config, stated in ((train.DEFAULTS, "6.21M parameters by default"),
-                           ({**train.DEFAULTS, **train.PRESETS["quick"]}, "the quick preset: 0.73M")):
+                           ({**train.DEFAULTS, **train.PRESETS["quick"]}, "the quick preset: 0.65M")):
         count = count_parameters(runtime.build_model({**config, "channels": 1}))
         assert stated in readme and f"{count / 1e6:.2f}M" in stated, (count, stated)
 
