@@ -252,6 +252,46 @@ def test_sample_is_reproducible_for_a_seed_and_differs_across_seeds(trained_run,
         assert not np.array_equal(draw(1, sampler), draw(2, sampler))
 
 
+class FirstInputs(torch.nn.Module):
+    """The wrapped noise predictor, recording the x it is called with first in each batch (its x_T)."""
+
+    def __init__(self, model, timesteps):
+        super().__init__()
+        self.model, self.timesteps, self.first_inputs = model, timesteps, []
+
+    def forward(self, x, t):
+        if int(t[0]) == self.timesteps - 1:
+            self.first_inputs.append(x.clone())
+        return self.model(x, t)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "fast"])
+def test_more_samples_with_the_same_seed_extend_the_run_and_start_from_noise_no_model_changes(trained_run, sampler):
+    """Batch b draws from a generator seeded by (seed, b) alone. So asking for more images with the same seed and
+    batch size returns the earlier run's whole batches bit for bit, then new ones (the README's 1,000 600-step
+    samples of the lecture's configuration begin with its earlier 256); and x_T does not depend on the weights, so
+    two checkpoints sampled with one seed start from the same noise (what every paired comparison relies on).
+    """
+    model, schedule, config = sample.load(str(trained_run / "checkpoint.pt"), device="cpu", precision="fp32")
+    steps = None if sampler == "ddpm" else 5
+
+    def draw(network, n):
+        return sample.generate(network, schedule, config, n, sampler=sampler, steps=steps, seed=3, batch_size=2,
+                               precision="fp32")[0]
+
+    four, six = draw(model, 4), draw(model, 6)
+    assert torch.equal(six[:4], four)
+    assert not torch.equal(six[4:], six[:2]) and not torch.equal(six[2:4], six[:2])
+    other = runtime.build_model(config).eval()
+    recorders = [FirstInputs(model, config["timesteps"]), FirstInputs(other, config["timesteps"])]
+    for recorder in recorders:
+        draw(recorder, 4)
+    assert [len(recorder.first_inputs) for recorder in recorders] == [2, 2]
+    for mine, theirs in zip(*(recorder.first_inputs for recorder in recorders)):
+        assert torch.equal(mine, theirs)
+    assert not torch.equal(draw(other, 4), four)
+
+
 def test_cifar10_trains_in_colour_end_to_end(tmp_path):
     """--dataset cifar10 on a tiny archive in the real format trains a 3-channel model and writes RGB grids."""
     rng = np.random.default_rng(0)
