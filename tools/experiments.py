@@ -1,6 +1,7 @@
 """Answer the lecture's closing questions with measurements: train, sample and score each variant the same way.
 
-    python -m tools.experiments --device cuda --out runs/exp --no-grids     # about 5 minutes on one H100
+    python -m tools.experiments --device cpu --batch-size 128               # about 50 minutes on 2 CPU cores (bf16)
+    python -m tools.experiments --device cuda --out runs/exp --no-grids     # minutes on one GPU
     python -m tools.experiments --tiny --device cpu --out /tmp/exp          # seconds on a CPU: the smoke test
 
 Q1, why are the samples' backgrounds noisy? The quick preset trained for a short budget (--epochs), as
