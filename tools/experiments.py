@@ -48,7 +48,7 @@ LECTURE_FLAGS = ["--ema-decay", "0", "--warmup-steps", "0", "--grad-clip", "0"]
 MORE_EPOCHS_FACTOR = 4
 LOW_LR = "2e-4"
 # Every run: the quick preset's network as the questions were measured with it (widths 8, 16, 64, 64, one block a
-# level, batch 64), at the lecture's lr 1e-3 held constant after the warm-up, so that a to f differ only in the loop.
+# level, batch 64), at the lecture's lr 1e-3 held constant after the warm-up; each run changes only what its row says.
 BASE_FLAGS = ["--preset", "quick", "--widths", "8,16,64,64", "--blocks-per-level", "1", "--lr", "1e-3",
               "--lr-decay", "none"]
 FULL = dict(epochs=3, n=1000, ddim_steps=(50, 100), train_flags=[])
