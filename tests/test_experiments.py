@@ -18,7 +18,7 @@ from tools import evaluate, experiments
 deltas = st.lists(st.one_of(st.none(), st.floats(-100, 100, allow_nan=False)), min_size=0, max_size=8)
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIGURES = ("fid", "confidence", "class_entropy_nats", "dark_mean", "midtone_fraction")
+FIGURES = ("fid", "confidence", "confident_fraction", "class_entropy_nats", "dark_mean", "midtone_fraction")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +52,22 @@ def test_tiny_run_scores_every_planned_experiment_with_finite_figures(tiny_resul
         assert all(math.isfinite(record["figures"][key]) for key in FIGURES), record["name"]
         assert record["sampling"]["seconds"] > 0 and record["figures"]["fid"] >= 0
     assert all(f"| {name} |" in results["markdown"] for name in planned if name.startswith(tuple("abcdefg")))
+
+
+def test_tables_show_each_experiments_recognized_fraction_in_its_own_row(tiny_results):
+    """Each Q1 row and each Q2 row of the markdown carries its samples' confident_fraction (evaluate's "recognized",
+    top softmax above 0.9) as a percentage, in the column after FID change (Q1) or FID (Q2); the real digits' too."""
+    _, results = tiny_results
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in results["markdown"].splitlines()
+            if line.startswith("| ")}
+    for record in results["experiments"]:
+        recognized = record["figures"]["confident_fraction"]
+        assert 0 <= recognized <= 1
+        if record["question"] == "Q1":
+            assert rows[record["name"]][5] == f"{recognized:.1%}", record["name"]
+        else:
+            assert rows[record["what"]][5] == f"{recognized:.1%}", record["name"]
+    assert rows["real digits"][5] == f"{results['real_digits']['confident_fraction']:.1%}"
 
 
 def test_grids_png_has_one_row_of_sixteen_samples_per_experiment(tiny_results):

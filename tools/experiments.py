@@ -259,7 +259,8 @@ def load_scorer(cache_dir, image_size):
 def score(npz_path, classifier, reference):
     """Return the figures of the samples in npz_path, read back as evaluate.py reads them."""
     figures = evaluate.sample_figures(evaluate.load_samples(npz_path), classifier, reference)
-    keys = ("fid", "confidence", "class_entropy_nats", "class_histogram", "dark_mean", "midtone_fraction")
+    keys = ("fid", "confidence", "confident_fraction", "class_entropy_nats", "class_histogram", "dark_mean",
+            "midtone_fraction")
     return {key: figures[key] for key in keys}
 
 
@@ -296,14 +297,19 @@ def format_figure(value, digits=3):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def format_fraction(value):
+    """Return a fraction as a percentage for a table cell (0.871 -> '87.1%'), or '-' when it is missing."""
+    return "-" if value is None else f"{value:.1%}"
+
+
 def markdown_tables(results):
     """Return the Q1 table, the table of changes and the Q2 table as markdown, with a one-line header."""
     records = {record["name"]: record for record in results["experiments"]}
     real = results["real_digits"]
     lines = [f"Device: {results['device']}, torch {results['torch']}, {results['precision']}; "
              f"{results['n']} samples per row, short budget {results['epochs']} epochs, seed {results['seed']}.", "",
-             "| experiment | what | train s | FID | vs a | confidence | class entropy | dark mean | mid-tones |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| experiment | what | train s | FID | vs a | recognized | confidence | class entropy | dark mean | mid-tones |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for record in results["experiments"]:
         if record["question"] != "Q1":
             continue
@@ -312,9 +318,11 @@ def markdown_tables(results):
         lines.append(f"| {record['name']} | {record['what']} | {format_figure(train_seconds, 1)} | "
                      f"{format_figure(figures.get('fid'), 2)} | "
                      f"{format_figure(figure_change(results, 'a_lecture', record['name'], 'fid'), 2)} | "
+                     f"{format_fraction(figures.get('confident_fraction'))} | "
                      f"{format_figure(figures.get('confidence'))} | {format_figure(figures.get('class_entropy_nats'))} | "
                      f"{format_figure(figures.get('dark_mean'), 4)} | {format_figure(figures.get('midtone_fraction'), 4)} |")
-    lines.append(f"| real digits | MNIST at the same size | - | 0 | - | - | - | {real['dark_mean']:.4f} | "
+    lines.append(f"| real digits | MNIST at the same size | - | 0 | - | {format_fraction(real.get('confident_fraction'))} | "
+                 f"{format_figure(real.get('confidence'))} | - | {real['dark_mean']:.4f} | "
                  f"{real['midtone_fraction']:.4f} |")
     lines += ["", "| change | from -> to | FID change | dark mean change | mid-tone change |", "|---|---|---|---|---|"]
     for change in results["q1_changes"]:
@@ -324,8 +332,8 @@ def markdown_tables(results):
     most = results["q1_most_important"]
     lines += ["", f"Largest FID improvements: {', '.join(most['by_fid']) or 'none'}; "
                   f"largest background improvements (dark mean): {', '.join(most['by_dark_mean']) or 'none'}.", "",
-              "| sampler (f's checkpoint) | network calls | sampling s | images/s | FID | confidence | class entropy "
-              "| dark mean | mid-tones |", "|---|---|---|---|---|---|---|---|---|"]
+              "| sampler (f's checkpoint) | network calls | sampling s | images/s | FID | recognized | confidence "
+              "| class entropy | dark mean | mid-tones |", "|---|---|---|---|---|---|---|---|---|---|"]
     q2_rows = ["f_default_4x_epochs"] + [r["name"] for r in results["experiments"] if r["question"] == "Q2"]
     for name in q2_rows:
         record = records.get(name)
@@ -338,6 +346,7 @@ def markdown_tables(results):
         lines.append(f"| {sampler} | "
                      f"{record.get('network_calls', '-')} | {format_figure(sampling.get('seconds'), 1)} | "
                      f"{format_figure(sampling.get('images_per_second'), 0)} | {format_figure(figures.get('fid'), 2)} | "
+                     f"{format_fraction(figures.get('confident_fraction'))} | "
                      f"{format_figure(figures.get('confidence'))} | {format_figure(figures.get('class_entropy_nats'))} | "
                      f"{format_figure(figures.get('dark_mean'), 4)} | {format_figure(figures.get('midtone_fraction'), 4)} |")
     return "\n".join(lines) + "\n"
@@ -406,7 +415,8 @@ def run_experiment(spec, run, args, device, precision, scorer):
                           "npz": npz_path}
     record["figures"] = score(npz_path, classifier, reference)
     print(f"   {len(samples)} samples in {seconds:.1f} s; FID {record['figures']['fid']:.2f}, "
-          f"dark mean {record['figures']['dark_mean']:.4f}", flush=True)
+          f"recognized {record['figures']['confident_fraction']:.1%}, dark mean {record['figures']['dark_mean']:.4f}",
+          flush=True)
     if not args.no_grids:
         record["grid"] = spec["name"] + ".png"
         images.write_png(os.path.join(args.out, record["grid"]),
@@ -436,7 +446,8 @@ def run_all(args):
                        "heldout_accuracy": cache["heldout_accuracy"],
                        "seconds_to_load_or_train": time.perf_counter() - classifier_start},
         "real_digits": {"dark_mean": reference["dark_mean"], "midtone_fraction": reference["midtone_fraction"],
-                        "n": reference["n"]},
+                        "confident_fraction": reference["confident_fraction"],
+                        "confidence": reference["confidence"], "n": reference["n"]},
         "runs": {}, "experiments": [], "grids_png_rows": [],
     }
     runs = training_runs(args.epochs)
