@@ -302,6 +302,13 @@ def format_fraction(value):
     return "-" if value is None else f"{value:.1%}"
 
 
+def quality_cells(figures):
+    """Return the cells both tables end with: recognized | confidence | class entropy | dark mean | mid-tones |."""
+    return (f"{format_fraction(figures.get('confident_fraction'))} | "
+            f"{format_figure(figures.get('confidence'))} | {format_figure(figures.get('class_entropy_nats'))} | "
+            f"{format_figure(figures.get('dark_mean'), 4)} | {format_figure(figures.get('midtone_fraction'), 4)} |")
+
+
 def markdown_tables(results):
     """Return the Q1 table, the table of changes and the Q2 table as markdown, with a one-line header."""
     records = {record["name"]: record for record in results["experiments"]}
@@ -318,12 +325,8 @@ def markdown_tables(results):
         lines.append(f"| {record['name']} | {record['what']} | {format_figure(train_seconds, 1)} | "
                      f"{format_figure(figures.get('fid'), 2)} | "
                      f"{format_figure(figure_change(results, 'a_lecture', record['name'], 'fid'), 2)} | "
-                     f"{format_fraction(figures.get('confident_fraction'))} | "
-                     f"{format_figure(figures.get('confidence'))} | {format_figure(figures.get('class_entropy_nats'))} | "
-                     f"{format_figure(figures.get('dark_mean'), 4)} | {format_figure(figures.get('midtone_fraction'), 4)} |")
-    lines.append(f"| real digits | MNIST at the same size | - | 0 | - | {format_fraction(real.get('confident_fraction'))} | "
-                 f"{format_figure(real.get('confidence'))} | - | {real['dark_mean']:.4f} | "
-                 f"{real['midtone_fraction']:.4f} |")
+                     + quality_cells(figures))
+    lines.append("| real digits | MNIST at the same size | - | 0 | - | " + quality_cells(real))
     lines += ["", "| change | from -> to | FID change | dark mean change | mid-tone change |", "|---|---|---|---|---|"]
     for change in results["q1_changes"]:
         lines.append(f"| {change['change']} | {change['without']} -> {change['with']} | "
@@ -346,9 +349,7 @@ def markdown_tables(results):
         lines.append(f"| {sampler} | "
                      f"{record.get('network_calls', '-')} | {format_figure(sampling.get('seconds'), 1)} | "
                      f"{format_figure(sampling.get('images_per_second'), 0)} | {format_figure(figures.get('fid'), 2)} | "
-                     f"{format_fraction(figures.get('confident_fraction'))} | "
-                     f"{format_figure(figures.get('confidence'))} | {format_figure(figures.get('class_entropy_nats'))} | "
-                     f"{format_figure(figures.get('dark_mean'), 4)} | {format_figure(figures.get('midtone_fraction'), 4)} |")
+                     + quality_cells(figures))
     return "\n".join(lines) + "\n"
 
 
