@@ -29,6 +29,7 @@ DEFAULTS = dict(
     epochs=25,
     batch_size=128,
     lr=1e-3,
+    adam_beta2=0.999,
     timesteps=600,
     img_size=32,
     widths=[64, 128, 256],
@@ -58,7 +59,7 @@ PRESETS = {
 # Keys that define the model and the data: a resumed run must agree with its checkpoint on these (and on the
 # images' channels, checked once the data is read: load_dataset).
 FIXED_ON_RESUME = ("dataset", "img_size", "widths", "blocks_per_level", "time_emb_dim", "timesteps",
-                   "schedule", "batch_size", "lr", "warmup_steps", "lr_decay", "min_snr_gamma", "grad_clip",
+                   "schedule", "batch_size", "lr", "adam_beta2", "warmup_steps", "lr_decay", "min_snr_gamma", "grad_clip",
                    "ema_decay", "seed", "max_images", "world_size")
 DERIVED_KEYS = ("world_size",)  # set by the launch, not by a flag of its own
 DATASET_CHANNELS = {"mnist": 1, "cifar10": 3}  # folder:PATH and npz:PATH take theirs from the files
@@ -80,6 +81,8 @@ def build_parser():
     parser.add_argument("--epochs", type=int, default=unset, help="default 25 (the lecture)")
     parser.add_argument("--batch-size", type=int, default=unset, help="per process; default 128 (the lecture)")
     parser.add_argument("--lr", type=float, default=unset, help="Adam learning rate; default 0.001 (the lecture)")
+    parser.add_argument("--adam-beta2", type=float, default=unset, metavar="B2",
+                        help="Adam's second-moment decay; default 0.999 (torch's and the lecture's Adam)")
     parser.add_argument("--timesteps", type=int, default=unset, help="T; default 600 (the lecture)")
     parser.add_argument("--img-size", type=int, default=unset, help="default 32 (the lecture; MNIST is zero-padded 28 -> 32)")
     parser.add_argument("--widths", type=arguments.parse_widths, default=unset, help="U-Net channel widths; default 64,128,256")

@@ -14,12 +14,12 @@ SEED_LIMIT = 2**64
 # The keys of train.py's configuration (its DEFAULTS, plus channels and world_size) and the type of each value:
 # what a checkpoint's configuration must hold before anything is built from it.
 CONFIG_TYPES = {
-    "dataset": str, "epochs": int, "batch_size": int, "lr": float, "timesteps": int, "img_size": int,
+    "dataset": str, "epochs": int, "batch_size": int, "lr": float, "adam_beta2": float, "timesteps": int, "img_size": int,
     "widths": list, "blocks_per_level": int, "time_emb_dim": int, "schedule": str, "warmup_steps": int,
     "lr_decay": str, "min_snr_gamma": float, "grad_clip": float, "ema_decay": float, "seed": int, "max_images": int, "grid_samples": int,
     "channels": int, "world_size": int,
 }
-FINITE_KEYS = ("lr", "min_snr_gamma", "grad_clip", "ema_decay")
+FINITE_KEYS = ("lr", "adam_beta2", "min_snr_gamma", "grad_clip", "ema_decay")
 LR_DECAYS = ("none", "cosine")  # train.learning_rate after the warm-up
 
 
@@ -126,6 +126,8 @@ def config_problem(config):
         return seed_problem(config["seed"])
     if config["time_emb_dim"] % 2:
         return f"the time embedding size must be even, got {config['time_emb_dim']}"
+    if not 0 <= config["adam_beta2"] < 1:
+        return f"--adam-beta2 must be in [0, 1), got {config['adam_beta2']}"
     if not 0 <= config["ema_decay"] < 1:
         return f"--ema-decay must be in [0, 1), got {config['ema_decay']}"
     for key in ("warmup_steps", "max_images", "grid_samples", "grad_clip", "min_snr_gamma"):

@@ -21,7 +21,7 @@ CHECKPOINT_KEYS = ("format", "version", "config", "model", "ema", "optimizer", "
                    "losses")
 # Configuration keys added after checkpoints of this version were first written, each with the value that does
 # what the runs before it did: an older checkpoint reads as if it had recorded them.
-ADDED_CONFIG_KEYS = {"lr_decay": "none", "min_snr_gamma": 0.0}
+ADDED_CONFIG_KEYS = {"lr_decay": "none", "min_snr_gamma": 0.0, "adam_beta2": 0.999}
 WEIGHTS_FORMAT = "ddpm-noise-prediction-weights"
 WEIGHTS_VERSION = 1
 WEIGHTS_KEYS = ("format", "version", "config", "unet", "schedule", "img_size", "clip_x0", "state_dict")

@@ -118,7 +118,8 @@ def build_model_and_optimizer(run):
     run.schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(run.device)
     torch.manual_seed(config["seed"])
     run.model = runtime.place_model(runtime.build_model(config), run.device, run.precision)
-    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=config["lr"], fused=run.device.type == "cuda")
+    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=config["lr"], betas=(0.9, config["adam_beta2"]),
+                                     fused=run.device.type == "cuda")
     run.ema_model = copy.deepcopy(run.model).eval().requires_grad_(False) if config["ema_decay"] > 0 else None
     run.trained_model = run.model
     if run.world_size > 1:

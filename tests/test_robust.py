@@ -41,6 +41,9 @@ BAD_ARGUMENTS = [
     (["--device", "tpu"], "invalid choice"),
     (["--widths", "a,b"], "comma-separated integers"),
     (["--ema-decay", "1"], "--ema-decay must be in"),
+    (["--adam-beta2", "1"], "--adam-beta2 must be in"),
+    (["--adam-beta2", "-0.5"], "--adam-beta2 must be in"),
+    (["--adam-beta2", "nan"], "--adam-beta2 must be a finite number"),
     (["--resume", "--force"], "contradict"),
     (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
     (["--min-snr-gamma", "-1"], "--min-snr-gamma must not be negative"),
@@ -392,7 +395,8 @@ def test_missing_foreign_and_truncated_checkpoints_get_one_clear_line(good_run, 
 
 
 @pytest.mark.parametrize("flag, value", [("--img-size", "32"), ("--timesteps", "30"), ("--widths", "16,32"),
-                                         ("--dataset", "cifar10"), ("--lr", "0.01"), ("--min-snr-gamma", "5")])
+                                         ("--dataset", "cifar10"), ("--lr", "0.01"), ("--min-snr-gamma", "5"),
+                                         ("--adam-beta2", "0.99")])
 def test_resume_with_a_different_configuration_is_refused(good_run, tmp_path, capsys, flag, value):
     """--resume with a flag that contradicts the checkpoint's configuration: one line naming the key, exit 1."""
     out = tmp_path / "run"

@@ -12,7 +12,7 @@ import ddpm
 import sample
 import train
 from repo_paths import ROOT, readme_on_one_line
-from support import checkpoints, data, images, runtime
+from support import checkpoints, data, images, run_state, runtime
 from test_data import cifar_archive_members, cifar_batch, write_cifar_archive
 from unet import count_parameters
 
@@ -116,6 +116,21 @@ def test_a_checkpoint_without_elapsed_times_still_resumes(trained_run, tmp_path)
     assert seconds[:12] == [""] * 12 and all(float(value) > 0 for value in seconds[12:]) and len(seconds) == 18
 
 
+def test_a_checkpoint_from_before_the_adam_beta2_flag_reads_as_the_lecture_adam(trained_run, tmp_path):
+    """A checkpoint whose configuration has no 'adam_beta2' (written before the flag existed, all with torch's default
+    Adam) loads as 0.999; resuming it with another --adam-beta2 is refused, with the default it resumes."""
+    out = tmp_path / "run"
+    out.mkdir()
+    checkpoint = checkpoints.load_checkpoint(str(trained_run / "checkpoint.pt"))
+    assert checkpoint["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    del checkpoint["config"]["adam_beta2"]
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["config"]["adam_beta2"] == 0.999
+    assert run_train(out, "--resume", "--epochs", "3", "--adam-beta2", "0.99") == 1
+    assert run_train(out, "--resume", "--epochs", "3") == 0
+    assert checkpoints.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 18
+
+
 def test_a_checkpoint_from_before_the_learning_rate_decay_resumes_with_a_constant_rate(trained_run, tmp_path):
     """A checkpoint whose configuration has no 'lr_decay' (written before the flag existed) loads as 'none' and
     resumes with the constant learning rate it was trained with."""
@@ -188,6 +203,32 @@ def test_preset_values_are_overridden_by_explicit_flags():
     assert (lecture["epochs"], lecture["batch_size"], lecture["lr"], lecture["timesteps"], lecture["img_size"]) == (
         25, 128, 1e-3, 600, 32)
     assert lecture["widths"] == [64, 128, 256]
+
+
+def test_adam_beta2_sets_the_decay_of_the_optimizers_second_moment():
+    """--adam-beta2 B reaches the Adam of train.py: after two steps with (clipped) gradients g1 and g2 its second moment
+    is v = B * (1 - B) * g1^2 + (1 - B) * g2^2 (v_t = B v_(t-1) + (1 - B) g_t^2 from v_0 = 0). The default is 0.999,
+    torch's and the lecture's Adam; B = 0.99 and 0.999 give second moments about 10 times apart."""
+    assert train.parse_config([])[0]["adam_beta2"] == 0.999
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 1, 16, 16, generator=generator) * 2 - 1
+    t, noise = torch.tensor([0, 5, 10, 19]), torch.randn(4, 1, 16, 16, generator=generator)
+    second_moments = {}
+    for beta2 in (0.99, 0.999):
+        config, _ = train.parse_config([*TINY, "--adam-beta2", str(beta2)])
+        config["channels"] = 1
+        run = run_state.Run(config=config, out="", device=torch.device("cpu"), precision="fp32", rank=0, world_size=1)
+        run_state.build_model_and_optimizer(run)
+        gradients = []
+        for _ in range(2):
+            train.train_step(run.model, run.optimizer, x0, t, noise, run.schedule, 1e-3, config["grad_clip"],
+                             run.device, "fp32")
+            gradients.append([parameter.grad.clone() for parameter in run.model.parameters()])
+        for parameter, g1, g2 in zip(run.model.parameters(), *gradients):
+            expected = beta2 * (1 - beta2) * g1**2 + (1 - beta2) * g2**2
+            torch.testing.assert_close(run.optimizer.state[parameter]["exp_avg_sq"], expected, rtol=1e-5, atol=1e-12)
+        second_moments[beta2] = sum(run.optimizer.state[p]["exp_avg_sq"].sum() for p in run.model.parameters())
+    assert 5 < second_moments[0.99] / second_moments[0.999] < 20
 
 
 def test_train_step_with_min_snr_gamma_steps_on_the_min_snr_weighted_loss():
