@@ -126,10 +126,9 @@ def config_problem(config):
         return seed_problem(config["seed"])
     if config["time_emb_dim"] % 2:
         return f"the time embedding size must be even, got {config['time_emb_dim']}"
-    if not 0 <= config["adam_beta2"] < 1:
-        return f"--adam-beta2 must be in [0, 1), got {config['adam_beta2']}"
-    if not 0 <= config["ema_decay"] < 1:
-        return f"--ema-decay must be in [0, 1), got {config['ema_decay']}"
+    for key in ("adam_beta2", "ema_decay"):  # decays of a moving average: 1 would never move
+        if not 0 <= config[key] < 1:
+            return f"--{key.replace('_', '-')} must be in [0, 1), got {config[key]}"
     for key in ("warmup_steps", "max_images", "grid_samples", "grad_clip", "min_snr_gamma"):
         if config[key] < 0:
             return f"--{key.replace('_', '-')} must not be negative, got {config[key]}"
