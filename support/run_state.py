@@ -112,14 +112,23 @@ def load_dataset(run, args):
             f"{len(run.dataset)} images; use a smaller --batch-size or more --max-images")
 
 
+def build_optimizer(model, config, device):
+    """Return train.py's optimizer for model: Adam at config's lr with betas (0.9, adam_beta2), fused kernels on CUDA.
+
+    Adam: m = 0.9 m + 0.1 g; v = adam_beta2 v + (1 - adam_beta2) g^2; each weight moves by
+    lr * m_hat / (sqrt(v_hat) + eps), m_hat and v_hat the bias-corrected averages.
+    """
+    return torch.optim.Adam(model.parameters(), lr=config["lr"], betas=(0.9, config["adam_beta2"]),
+                            fused=device.type == "cuda")
+
+
 def build_model_and_optimizer(run):
     """Set run.schedule, run.model (seeded), run.ema_model (a copy, or None), run.optimizer and run.trained_model."""
     config = run.config
     run.schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(run.device)
     torch.manual_seed(config["seed"])
     run.model = runtime.place_model(runtime.build_model(config), run.device, run.precision)
-    run.optimizer = torch.optim.Adam(run.model.parameters(), lr=config["lr"], betas=(0.9, config["adam_beta2"]),
-                                     fused=run.device.type == "cuda")
+    run.optimizer = build_optimizer(run.model, config, run.device)
     run.ema_model = copy.deepcopy(run.model).eval().requires_grad_(False) if config["ema_decay"] > 0 else None
     run.trained_model = run.model
     if run.world_size > 1:

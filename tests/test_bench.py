@@ -87,3 +87,22 @@ def test_forward_flops_match_a_count_by_hand():
     multiply_adds = (2 * 16 * 16 + 1 * 8 * 9 * 64 + 2 * (16 * 8 + 2 * 8 * 8 * 9 * 64)
                      + 16 * 8 + 16 * 8 * 9 * 64 + 8 * 8 * 9 * 64 + 16 * 8 * 64 + 8 * 1 * 9 * 64)
     assert bench.forward_flops_per_image(config, torch.device("cpu")) == 2 * multiply_adds == 552_704
+
+
+def test_the_fast_path_trains_with_train_pys_optimizer(monkeypatch):
+    """The bench's fast path builds its optimizer as train.py does (run_state.build_optimizer), so a flag that changes
+    train.py's Adam, such as --adam-beta2, changes the benchmarked step too."""
+    from support import run_state
+    build_optimizer = run_state.build_optimizer
+    built = []
+
+    def spy(model, config, device):
+        built.append(build_optimizer(model, config, device))
+        return built[-1]
+
+    monkeypatch.setattr(run_state, "build_optimizer", spy)
+    config = {**train.DEFAULTS, "channels": 1, "widths": [8, 16], "time_emb_dim": 16, "adam_beta2": 0.99}
+    step = bench.fast_training_step(config, 2, torch.device("cpu"), "fp32")
+    step()
+    assert len(built) == 1
+    assert built[0].param_groups[0]["betas"] == (0.9, 0.99)

@@ -9,8 +9,8 @@ repeats of the baseline and of the fast path alternate, so a change in the machi
 Training (random images in [-1, 1]; throughput does not depend on the pixels):
   (a) baseline: the lecture's loop: fp32, default memory format, eager, plain torch.optim.Adam, loss.item() each step;
   (b) fast path: train.py's step: bf16 autocast where the hardware runs it natively (runtime.resolve_precision),
-      channels_last, train.train_step (gradient clipping, lr warm-up), the EMA update, and the losses read back
-      only every train.LOG_EVERY steps.
+      channels_last, train.py's Adam (run_state.build_optimizer), train.train_step (gradient clipping, lr warm-up),
+      the EMA update, and the losses read back only every train.LOG_EVERY steps.
 Sampling: the 600-step sampler (ddpm.sample) and 50-step DDIM, timed over a few steps and extrapolated.
 FLOPs: torch.utils.flop_counter over one forward pass (convolutions and matrix products; a multiply-add is 2 FLOPs);
 training costs 3x the forward FLOPs. The device's peak is the FLOP/s of a large matmul timed in this run.
@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import ddpm
 import train
 import unet
-from support import arguments, runtime
+from support import arguments, run_state, runtime
 
 # How much work each mode measures: warm-up and timed steps per configuration, sampler steps timed per draw.
 PLANS = {
@@ -177,7 +177,7 @@ def fast_training_step(config, batch_size, device, precision):
     """
     layout = runtime.memory_format(precision)
     model = runtime.place_model(runtime.build_model(config), device, precision)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"], fused=device.type == "cuda")
+    optimizer = run_state.build_optimizer(model, config, device)
     ema_model = copy.deepcopy(model).eval().requires_grad_(False)
     schedule = ddpm.Schedule.create(config["timesteps"], config["schedule"]).to(device)
     images = random_images(config, batch_size, device)
