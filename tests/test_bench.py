@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train
+from support import run_state
 from tools import bench
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
@@ -92,7 +93,6 @@ def test_forward_flops_match_a_count_by_hand():
 def test_the_fast_path_trains_with_train_pys_optimizer(monkeypatch):
     """The bench's fast path builds its optimizer as train.py does (run_state.build_optimizer), so a flag that changes
     train.py's Adam, such as --adam-beta2, changes the benchmarked step too."""
-    from support import run_state
     build_optimizer = run_state.build_optimizer
     built = []
 
